@@ -1,0 +1,1496 @@
+"""common.py: everything the five methods share, written once.
+
+Sections, in the order a training run uses them:
+  1. launch and distributed   2. data and views        3. backbones and heads
+  4. base frameworks          5. training loop         6. evaluation (kNN)
+  7. checkpoints and export   8. plots                 9. command line
+
+Run as a script it pretrains one of the four base frameworks (SimCLR, MoCo-v2, BYOL, SimSiam):
+    python common.py --framework simclr --dataset synthetic --epochs 2 --stem imagenet   # CPU smoke
+    python common.py --framework mocov2 --dataset cifar10 --data DIR --download --gpus 1
+    python common.py --framework byol --dataset imagenet --data DIR --gpus 8
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 common.py --framework mocov2 --dataset imagenet --data DIR
+"""
+import argparse, copy, json, math, os, random, socket, sys, time
+from collections import namedtuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+
+class UserError(Exception):
+    """A mistake the user can fix. Printed as one line on stderr, exit status 2, no traceback."""
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# ================================================================ 1. launch and distributed
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def print0(*a, **k):
+    if is_main():
+        print(*a, **k, flush=True)
+
+
+def launch(fn, args):
+    """Run fn(args) in every process: under torchrun the environment decides; --gpus N spawns N."""
+    try:
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            _worker(int(os.environ.get("LOCAL_RANK", 0)), fn, args, None)
+        elif args.gpus > 1:
+            have = torch.cuda.device_count()
+            if have < args.gpus:
+                raise UserError(f"--gpus {args.gpus} asks for {args.gpus} GPUs but this machine has {have}; "
+                                f"pass --gpus {max(have, 1)} (CPU runs use --gpus 1; CPU multi-process runs use torchrun)")
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            try:
+                torch.multiprocessing.spawn(_worker, args=(fn, args, port), nprocs=args.gpus)
+            except torch.multiprocessing.ProcessExitedException as e:
+                sys.exit(e.exit_code or 1)
+        else:
+            _worker(0, fn, args, None)
+    except UserError as e:
+        fail(e)
+
+
+def _worker(local_rank, fn, args, port):
+    if port is not None:  # spawned by --gpus N
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
+                          WORLD_SIZE=str(args.gpus), LOCAL_RANK=str(local_rank))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available() and args.gpus > 0
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    args.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        fn(args)
+    except UserError as e:
+        if port is None and world == 1:
+            raise
+        if get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if is_dist():
+            dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of every rank and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(get_world())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.stack(grads)
+        dist.all_reduce(g)
+        return g[get_rank()]
+
+
+def gather_with_grad(x):
+    """Concatenate x from all ranks (rank-major); gradients flow back to every rank's own rows."""
+    if get_world() == 1:
+        return x
+    return torch.cat(_GatherWithGrad.apply(x))
+
+
+@torch.no_grad()
+def gather_no_grad(x):
+    """Concatenate x from all ranks (rank-major). Warning: no gradient flows through the result."""
+    if get_world() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+# ================================================================ 2. data and views
+# A view is a box plus a recipe: the method draws boxes (cheap, CPU), common.py crops and resizes them
+# (PIL in workers, or roi_align on the device for in-memory data) and applies the photometric recipe
+# per sample on the training device.
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+         "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+         "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
+DATASETS = ["cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet100", "imagenet", "folder", "synthetic"]
+IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".JPEG")
+
+
+class Source:
+    """One split: images in memory (uint8 N x 3 x H x W) or as files (decoded by PIL in workers), labels (-1 = none)."""
+
+    def __init__(self, labels, images=None, files=None, classes=None, name=""):
+        self.images, self.files, self.name = images, files, name
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.classes = classes or []
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def in_memory(self):
+        return self.images is not None
+
+    @property
+    def has_labels(self):
+        return len(self.labels) > 0 and bool((self.labels >= 0).all())
+
+    def pil(self, i):
+        if self.in_memory:
+            return Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
+        return _open_rgb(self.files[i])
+
+    def subset(self, n):
+        n = min(n, len(self))
+        return Source(self.labels[:n], None if self.images is None else self.images[:n],
+                      None if self.files is None else self.files[:n], self.classes, self.name)
+
+
+def _open_rgb(path):
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}); remove or replace that file")
+
+
+def synthetic_images(n, size=32, offset=0, classes=10):
+    """Deterministic learnable images: class = shape (disk, square, triangle, ring, cross) x texture (solid, striped);
+    position, size and both colours are random per index, so colour alone says nothing about the class."""
+    def params(i):
+        r = random.Random(f"synthetic-{i}")
+        return [r.uniform(0.3, 0.7), r.uniform(0.3, 0.7), r.uniform(0.17, 0.3), r.uniform(0, 6.3), r.uniform(3, 5)] \
+            + [r.random() for _ in range(6)]
+    p = torch.tensor([params(offset + i) for i in range(n)])
+    labels = torch.tensor([(offset + i) % classes for i in range(n)])
+    cx, cy, rad, phase, freq = (p[:, k, None, None] for k in range(5))
+    fg, bg = p[:, 5:8, None, None], p[:, 8:11, None, None]
+    t = torch.linspace(0, 1, size)
+    yy, xx = torch.meshgrid(t, t, indexing="ij")
+    dx, dy = xx - cx, yy - cy
+    d = (dx ** 2 + dy ** 2).sqrt()
+    shape = labels % 5
+    masks = torch.stack([d < rad,
+                         (dx.abs() < 0.85 * rad) & (dy.abs() < 0.85 * rad),
+                         (dy > -rad) & (dy < 0.8 * rad) & (dx.abs() < 0.6 * (dy + rad)),
+                         (d - 0.7 * rad).abs() < 0.3 * rad,
+                         ((dx.abs() < 0.3 * rad) & (dy.abs() < rad)) | ((dy.abs() < 0.3 * rad) & (dx.abs() < rad))], 1)
+    mask = masks[torch.arange(n), shape].unsqueeze(1).float()
+    stripes = (torch.sin(2 * math.pi * freq * (xx + yy) / (2 * rad) + phase) > 0).float().unsqueeze(1)
+    fg = torch.where((labels // 5 % 2 == 1)[:, None, None, None], fg * (0.35 + 0.65 * stripes), fg)
+    noise = 0.08 * torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(offset + i)) for i in range(n)])
+    img = (mask * fg + (1 - mask) * (bg + noise)).clamp(0, 1)
+    return (img * 255).round().to(torch.uint8), labels
+
+
+def _folder(root, name, allow_flat=False):
+    """ImageFolder layout (root/class/img), or with allow_flat a flat folder of images (no labels)."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    files, labels = [], []
+    for c, cls in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
+            for f in sorted(names):
+                if f.endswith(IMG_EXT):
+                    files.append(os.path.join(dirpath, f))
+                    labels.append(c)
+    if not files and allow_flat:
+        files = [os.path.join(root, f) for f in sorted(os.listdir(root)) if f.endswith(IMG_EXT)]
+        labels, classes = [-1] * len(files), []
+    if not files:
+        raise UserError(f"no images found under {root}; expected {root}/<class>/<image>.jpg"
+                        + (" or a flat folder of images" if allow_flat else ""))
+    return Source(labels, files=files, classes=classes, name=name)
+
+
+def _maybe_in_memory(src, max_side=96):
+    """Small images (CIFAR-like folders) are decoded once and kept as one uint8 tensor."""
+    first = _open_rgb(src.files[0])
+    if max(first.size) > max_side or len(src) > 300_000:
+        return src
+    arr = np.empty((len(src), first.size[1], first.size[0], 3), np.uint8)
+    for i, f in enumerate(src.files):
+        im = _open_rgb(f)
+        if im.size != first.size:
+            return src
+        arr[i] = np.asarray(im)
+    return Source(src.labels, images=torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), files=src.files,
+                  classes=src.classes, name=src.name)
+
+
+def _tv(cls, name, **kw):
+    try:
+        return cls(**kw)
+    except RuntimeError as e:
+        if "not found" in str(e).lower() or "download" in str(e).lower():
+            raise UserError(f"{name} not found under {kw['root']}; pass --download to fetch it, or --data DIR where it lies")
+        raise
+
+
+Data = namedtuple("Data", "train knn_train knn_val mean std")
+
+
+def load_data(args):
+    """Training source plus the labelled kNN memory/query splits (None where there are no labels)."""
+    name, root = args.dataset, os.path.expanduser(args.data)
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    mean, std = STATS.get(name, IMAGENET_STATS)
+    if name == "synthetic":
+        n = args.subset or 5000
+        train = Source(*reversed(synthetic_images(n)), name="synthetic-train")
+        val = Source(*reversed(synthetic_images(1000, offset=10 ** 6)), name="synthetic-val")
+        return Data(train, train, val, mean, std)
+    if not os.path.exists(root):
+        raise UserError(f"--data {root} does not exist; pass --data DIR holding {name}"
+                        + (" (or add --download)" if name in ("cifar10", "cifar100", "stl10") else ""))
+    if name in ("cifar10", "cifar100", "stl10"):
+        dl = args.download
+        if name == "stl10":
+            tv = torchvision.datasets.STL10
+            tr = _tv(tv, "STL-10", root=root, split="train+unlabeled", download=dl)
+            lab = _tv(tv, "STL-10", root=root, split="train", download=dl)
+            te = _tv(tv, "STL-10", root=root, split="test", download=dl)
+            mk = lambda d, s: Source(d.labels, images=torch.from_numpy(d.data), name=f"stl10-{s}")
+            train, knn_train, val = mk(tr, "train+unlabeled"), mk(lab, "train"), mk(te, "test")
+            train.labels[:] = -1
+        else:
+            tv = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            mk = lambda d, s: Source(d.targets, images=torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
+                                     classes=d.classes, name=f"{name}-{s}")
+            train = mk(_tv(tv, name.upper(), root=root, train=True, download=dl), "train")
+            val = mk(_tv(tv, name.upper(), root=root, train=False, download=dl), "val")
+            knn_train = train
+    elif name == "tinyimagenet":
+        train = _folder(os.path.join(root, "train"), "tinyimagenet-train")
+        ann = os.path.join(root, "val", "val_annotations.txt")
+        if not os.path.exists(ann):
+            raise UserError(f"{ann} not found; --data must be the tiny-imagenet-200 folder (train/, val/)")
+        cls = {c: i for i, c in enumerate(train.classes)}
+        rows = [l.split("\t")[:2] for l in open(ann)]
+        val = Source([cls[c] for _, c in rows], files=[os.path.join(root, "val", "images", f) for f, _ in rows],
+                     classes=train.classes, name="tinyimagenet-val")
+        train, val = _maybe_in_memory(train), _maybe_in_memory(val)
+        knn_train = train
+    else:  # imagenet, imagenet100, folder
+        tr_dir = os.path.join(root, "train")
+        has_split = os.path.isdir(tr_dir)
+        train = _folder(tr_dir if has_split else root, f"{name}-train", allow_flat=(name == "folder"))
+        va_dir = os.path.join(root, "val")
+        val = _folder(va_dir, f"{name}-val") if has_split and os.path.isdir(va_dir) else None
+        if args.class_list:
+            keep = [l.strip() for l in open(args.class_list) if l.strip()]
+            train, val = (_select_classes(s, keep) if s else None for s in (train, val))
+        if name == "imagenet100" and len(train.classes) != 100:
+            raise UserError(f"imagenet100 expects 100 classes under {root}, found {len(train.classes)}; "
+                            "pass --class-list FILE (one wnid a line) to select them from a full ImageNet root")
+        train = _maybe_in_memory(train.subset(args.subset) if args.subset else train)
+        val = _maybe_in_memory(val) if val is not None else None
+        knn_train = train if train.has_labels and val is not None else None
+        if knn_train is None:
+            val = None
+    if args.subset and name != "folder":
+        train = train.subset(args.subset)
+        knn_train = train if knn_train is not None and name != "stl10" else knn_train
+    return Data(train, knn_train, val, mean, std)
+
+
+def _select_classes(src, keep):
+    missing = [c for c in keep if c not in src.classes]
+    if missing:
+        raise UserError(f"--class-list names classes missing from {src.name}: {', '.join(missing[:3])}...")
+    new = {src.classes.index(c): i for i, c in enumerate(keep)}
+    idx = [i for i, l in enumerate(src.labels.tolist()) if l in new]
+    return Source([new[int(src.labels[i])] for i in idx], files=[src.files[i] for i in idx], classes=keep, name=src.name)
+
+
+def native_size(source):
+    """Side of the training images when they are all alike (in memory), else None (large, varied images)."""
+    return source.images.shape[-1] if source.in_memory else None
+
+
+def sample_rng(seed, epoch, index):
+    """Every random choice about a sample's views comes from this generator: results do not depend on
+    the number of processes or workers."""
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+def rrc_box(H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng=random):
+    """RandomResizedCrop geometry (torchvision's algorithm): returns (top, left, height, width) in pixels."""
+    area = H * W
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            return rng.randint(0, H - h), rng.randint(0, W - w), h, w
+    in_ratio = W / H
+    if in_ratio < min(ratio):
+        w, h = W, round(W / min(ratio))
+    elif in_ratio > max(ratio):
+        h, w = H, round(H * max(ratio))
+    else:
+        w, h = W, H
+    return (H - h) // 2, (W - w) // 2, h, w
+
+
+class Recipe:
+    """Photometric recipe of one view: colour jitter (random order) p_jitter, grayscale, blur, solarize.
+    draw() returns the 12 per-sample parameters that travel with the batch to the device."""
+    NPARAM = 12
+
+    def __init__(self, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.0, p_solarize=0.0):
+        self.jitter, self.p_jitter, self.p_gray, self.p_blur, self.p_solarize = jitter, p_jitter, p_gray, p_blur, p_solarize
+
+    def draw(self, rng):
+        b, c, s, h = self.jitter
+        on = rng.random() < self.p_jitter
+        factors = [rng.uniform(max(0, 1 - b), 1 + b), rng.uniform(max(0, 1 - c), 1 + c),
+                   rng.uniform(max(0, 1 - s), 1 + s), rng.uniform(-h, h)]
+        order = list(range(4))
+        rng.shuffle(order)
+        gray = rng.random() < self.p_gray
+        sigma = rng.uniform(0.1, 2.0)
+        blur = rng.random() < self.p_blur
+        sol = rng.random() < self.p_solarize
+        return [float(on), *factors, *order, float(gray), sigma if blur else 0.0, float(sol)]
+
+    def __repr__(self):
+        return f"Recipe(jitter={self.jitter}, p_jitter={self.p_jitter}, p_gray={self.p_gray}, p_blur={self.p_blur}, p_solarize={self.p_solarize})"
+
+
+def mocov2_recipe(blur):
+    """MoCo-v2 "aug+" (blur only at ImageNet sizes, as the official CIFAR demo)."""
+    return Recipe(p_blur=0.5 if blur else 0.0)
+
+
+def simclr_recipe(blur, strength=1.0):
+    """SimCLR: jitter 0.8s,0.8s,0.8s,0.2s with p 0.8, grayscale 0.2, blur p 0.5 at ImageNet sizes."""
+    return Recipe(jitter=(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength), p_blur=0.5 if blur else 0.0)
+
+
+def byol_recipes(blur=True):
+    """BYOL's asymmetric pair: blur 1.0/0.1, solarize 0/0.2 (no blur at 32 px, as solo-learn's CIFAR config)."""
+    return (Recipe(jitter=(0.4, 0.4, 0.2, 0.1), p_blur=1.0 if blur else 0.0),
+            Recipe(jitter=(0.4, 0.4, 0.2, 0.1), p_blur=0.1 if blur else 0.0, p_solarize=0.2))
+
+
+Crop = namedtuple("Crop", "top left height width flip src", defaults=(False, 0))
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """dataset[i] -> dict(index, label, src, boxes, flips, photo[, view0, view1, ...]).
+
+    views_fn(index, sizes_hw, rng) -> [Crop per view]; sources_fn(index, rng) -> source indices the crops
+    refer to by position (default: [index]). For in-memory data only the boxes travel (cropped on the device);
+    otherwise each view is cropped and resized here with PIL. `epoch` is a shared tensor so persistent
+    workers see it change."""
+
+    def __init__(self, source, views_fn, sizes, recipes, seed, sources_fn=None, extra_fn=None):
+        self.source, self.views_fn, self.sizes, self.recipes, self.seed = source, views_fn, sizes, recipes, seed
+        self.sources_fn, self.extra_fn = sources_fn, extra_fn
+        self.epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        rng = sample_rng(self.seed, int(self.epoch), i)
+        srcs = self.sources_fn(i, rng) if self.sources_fn else [i]
+        imgs = None if self.source.in_memory else [self.source.pil(j) for j in srcs]
+        hw = [tuple(self.source.images.shape[-2:])] * len(srcs) if imgs is None else [(im.height, im.width) for im in imgs]
+        crops = self.views_fn(i, hw, rng)
+        item = {"index": i, "label": self.source.labels[i],
+                "src": torch.tensor([srcs[c.src] for c in crops]),
+                "boxes": torch.tensor([[c.top, c.left, c.height, c.width] for c in crops], dtype=torch.float32),
+                "flips": torch.tensor([c.flip for c in crops]),
+                "photo": torch.tensor([r.draw(rng) for r in self.recipes], dtype=torch.float32)}
+        if self.extra_fn:
+            item.update(self.extra_fn(i, rng))
+        if imgs is not None:
+            for k, (c, s) in enumerate(zip(crops, self.sizes)):
+                v = imgs[c.src].resize((s, s), Image.BILINEAR, box=(c.left, c.top, c.left + c.width, c.top + c.height))
+                if c.flip:
+                    v = v.transpose(Image.FLIP_LEFT_RIGHT)
+                item[f"view{k}"] = torch.from_numpy(np.asarray(v).copy()).permute(2, 0, 1)
+        return item
+
+
+def crop_resize(images, boxes, size):
+    """Batched crop+resize on the device: images uint8/float B x 3 x H x W, boxes B x 4 (top, left, h, w) -> float 0..255."""
+    from torchvision.ops import roi_align
+    t, l, h, w = boxes.to(images.device).float().unbind(1)
+    rois = torch.stack([torch.arange(len(boxes), device=images.device, dtype=torch.float32), l, t, l + w, t + h], 1)
+    return roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def _gray(x):
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(a, b, ratio):
+    return (ratio * a + (1.0 - ratio) * b).clamp(0, 1)
+
+
+def _rgb_to_hsv(x):
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    same = maxc == minc
+    cr = maxc - minc
+    s = cr / torch.where(same, torch.ones_like(maxc), maxc)
+    crd = torch.where(same, torch.ones_like(cr), cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    h = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+         + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
+    return torch.stack([torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc], 1)
+
+
+def _hsv_to_rgb(x):
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p, q, t = (v * (1 - s)).clamp(0, 1), (v * (1 - s * f)).clamp(0, 1), (v * (1 - s * (1 - f))).clamp(0, 1)
+    sel = (i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, -1, 1, 1)).to(x.dtype)  # B x 6 x H x W
+    table = [torch.stack(c, 1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))]
+    return torch.stack([(sel * c).sum(1) for c in table], 1)
+
+
+def adjust_hue(x, hue):
+    hsv = _rgb_to_hsv(x)
+    hsv = torch.stack([torch.remainder(hsv[:, 0] + hue.view(-1, 1, 1), 1.0), hsv[:, 1], hsv[:, 2]], 1)
+    return _hsv_to_rgb(hsv)
+
+
+def gaussian_blur(x, sigma):
+    """Per-sample Gaussian blur (separable, reflect padding), kernel 10% of the side, as SimCLR."""
+    B, C, H, W = x.shape
+    k = max(3, int(0.1 * min(H, W)) // 2 * 2 + 1)
+    r = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, device=x.device)
+    ker = torch.exp(-0.5 * (r.view(1, -1) / sigma.clamp(min=1e-3).view(-1, 1)) ** 2)
+    ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C) x k
+    y = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C)
+    y = F.conv2d(y, ker.view(B * C, 1, 1, k), groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def photometric(x, p):
+    """x float B x 3 x H x W in [0, 1]; p B x 12 from Recipe.draw. Independent parameters per sample;
+    torchvision's ColorJitter -> RandomGrayscale -> GaussianBlur -> RandomSolarize, same formulas."""
+    p = p.to(x.device, non_blocking=True)
+    bc = lambda v: v.view(-1, 1, 1, 1)
+    on = p[:, 0] > 0
+    for pos in range(4):  # colour jitter in the per-sample random order
+        op = p[:, 5 + pos]
+        one = torch.ones_like(op)
+        x = _blend(x, torch.zeros_like(x), bc(torch.where(on & (op == 0), p[:, 1], one)))
+        x = _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), bc(torch.where(on & (op == 1), p[:, 2], one)))
+        x = _blend(x, _gray(x), bc(torch.where(on & (op == 2), p[:, 3], one)))
+        x = torch.where(bc(on & (op == 3)), adjust_hue(x, p[:, 4]), x)
+    x = torch.where(bc(p[:, 9] > 0), _gray(x).expand_as(x), x)
+    x = torch.where(bc(p[:, 10] > 0), gaussian_blur(x, p[:, 10]), x)
+    return torch.where(bc(p[:, 11] > 0) & (x >= 0.5), 1.0 - x, x)
+
+
+def device_views(batch, images, mean, std, sizes, device, channels_last=False):
+    """uint8 crops (or in-memory images + boxes) -> normalised float views on the training device."""
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    out = []
+    for k, s in enumerate(sizes):
+        if images is not None:
+            src = batch["src"][:, k].to(device, non_blocking=True)
+            v = crop_resize(images[src], batch["boxes"][:, k], s)
+            flip = batch["flips"][:, k].to(device, non_blocking=True).view(-1, 1, 1, 1)
+            v = torch.where(flip, v.flip(-1), v)
+        else:
+            v = batch[f"view{k}"].to(device, non_blocking=True).float()
+        v = photometric(v / 255.0, batch["photo"][:, k])
+        v = (v - mean) / std
+        out.append(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
+    return out
+
+
+class GlobalBatchSampler:
+    """Shuffles by (seed, epoch), cuts global batches (drop_last), gives each rank a contiguous slice,
+    so a 1-process run sees exactly the union of what N processes see."""
+
+    def __init__(self, n, global_batch, seed, rank=0, world=1):
+        if global_batch % world:
+            raise UserError(f"--batch-size {global_batch} must be divisible by the {world} processes")
+        if n < global_batch:
+            raise UserError(f"--batch-size {global_batch} is larger than the {n} training images; lower it")
+        self.n, self.gb, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def batches_per_epoch(self):
+        return self.n // self.gb
+
+    def __len__(self):
+        return self.batches_per_epoch() - self.skip
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        lb = self.gb // self.world
+        for b in range(self.skip, self.batches_per_epoch()):
+            yield perm[b * self.gb + self.rank * lb: b * self.gb + (self.rank + 1) * lb].tolist()
+
+
+# ================================================================ 3. backbones and heads
+
+ARCHS = ["resnet18", "resnet34", "resnet50"]
+
+
+def build_backbone(arch="resnet18", stem="cifar", zero_init_residual=False, rf_layout=None, rf_mlp=False):
+    """torchvision ResNet with fc removed; `backbone(x)` is the pooled feature, `backbone.out_dim` its width.
+    stem 'cifar' = 3x3 stride-1 conv1 and no max-pool. rf_layout (one int per stage) keeps that many leading
+    3x3 convs per stage and turns the others into 1x1 (same stride), bounding the receptive field; rf_mlp
+    adds Linear-BN-ReLU-Linear after pooling (kept in `fc`, so the state dict stays torchvision's)."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown --arch '{arch}'; choose one of {', '.join(ARCHS)}")
+    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    if rf_layout:
+        for layer, keep in zip([net.layer1, net.layer2, net.layer3, net.layer4], rf_layout):
+            convs = [(blk, n) for blk in layer for n in ("conv1", "conv2") if getattr(blk, n).kernel_size == (3, 3)]
+            for blk, n in convs[keep:]:
+                old = getattr(blk, n)
+                setattr(blk, n, nn.Conv2d(old.in_channels, old.out_channels, 1, old.stride, 0, bias=False))
+    net.out_dim = net.fc.in_features
+    d = net.out_dim
+    net.fc = nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, d)) if rf_mlp else nn.Identity()
+    net.arch_meta = dict(arch=arch, stem=stem, rf_layout=list(rf_layout) if rf_layout else None, rf_mlp=bool(rf_mlp))
+    return net
+
+
+def feature_map(net, x):
+    """The last stage before pooling (ResNet layer4 after its final ReLU): B x C x h x w."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
+def mlp(dims, bn=True, last_bn=False, last_affine=True):
+    """Linear layers over dims; hidden layers are Linear-BN-ReLU (no bias before BN) or Linear-ReLU;
+    optional BN (affine or not) after the last Linear, which then has no bias."""
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(a, b, bias=not (bn and not last) and not (last and last_bn)))
+        if not last:
+            layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)] if bn else [nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(b, affine=last_affine))
+    return nn.Sequential(*layers)
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm over `splits` contiguous chunks of the batch: one device stands in for `splits` GPUs
+    (MoCo's official CIFAR demo). Eval mode is plain BN; parameters and buffers keep torchvision names."""
+
+    def __init__(self, num_features, splits, **kw):
+        super().__init__(num_features, **kw)
+        self.splits = splits
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        s = self.splits
+        if not self.training or s == 1 or N % s:
+            return super().forward(x)
+        self.num_batches_tracked += 1
+        rm, rv = self.running_mean.repeat(s), self.running_var.repeat(s)
+        xs = x.view(s, N // s, C, H, W).transpose(0, 1).reshape(N // s, s * C, H, W)
+        y = F.batch_norm(xs, rm, rv, self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
+        self.running_mean.copy_(rm.view(s, C).mean(0))
+        self.running_var.copy_(rv.view(s, C).mean(0))
+        return y.view(N // s, s, C, H, W).transpose(0, 1).reshape(N, C, H, W)
+
+
+def convert_split_bn(module, splits):
+    """Replace every BatchNorm2d by SplitBatchNorm (same state dict)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_split_bn(child, splits)
+    return module
+
+
+def batch_norm_policy(model, sync, splits):
+    """Multi-process: SyncBN where the base method uses it (CUDA only; gloo CPU runs keep per-process BN).
+    One process: split-BN simulates `splits` devices (1 = plain BN)."""
+    if get_world() > 1:
+        if sync and torch.cuda.is_available():
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+    return convert_split_bn(model, splits) if splits > 1 else model
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio eta*|w|/(|g| + wd*|w|). Groups with lars_exclude=True
+    (biases, BN) get neither adaptation nor weight decay. clip=True caps the local rate at 1 (solo-learn)."""
+
+    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if not g["lars_exclude"]:
+                    wn, gn = p.norm(), d.norm()
+                    d = d.add(p, alpha=g["weight_decay"])
+                    trust = torch.where((wn > 0) & (gn > 0), g["eta"] * wn / (gn + g["weight_decay"] * wn), torch.ones_like(wn))
+                    if g["clip"]:
+                        trust = torch.clamp(trust / g["lr"], max=1.0) if g["lr"] > 0 else torch.ones_like(wn)
+                    d = d * trust
+                st = self.state[p]
+                if "mu" not in st:
+                    st["mu"] = torch.zeros_like(p)
+                st["mu"].mul_(g["momentum"]).add_(d)
+                p.add_(st["mu"], alpha=-g["lr"])
+
+
+# ================================================================ 4. base frameworks
+# Losses are pure functions (fp32); the modules expose their pieces (encoders, heads, EMA, queue)
+# so a method can reuse them; forward(views, batch) returns (loss, logs).
+
+def nt_xent(z1, z2, temperature):
+    """SimCLR (NT-Xent). z1, z2: B x D unit rows of this rank; negatives are gathered *with gradient*
+    from every rank. Each of the 2B local anchors: -log exp(z_i.z_p/t) / sum_{j != i} exp(z_i.z_j/t)."""
+    z = torch.cat([z1, z2]).float()                     # 2B x D
+    B, r, W = z1.shape[0], get_rank(), get_world()
+    allz = gather_with_grad(torch.stack([z1, z2]).float())   # (W*2) x B x D, rank-major
+    allz = allz.view(W, 2, B, -1).reshape(W * 2 * B, -1)
+    logits = z @ allz.T / temperature                   # 2B x 2BW
+    base = r * 2 * B
+    idx = torch.arange(2 * B, device=z.device)
+    logits[idx, base + idx] = float("-inf")            # remove self-similarity
+    pos = base + (idx + B) % (2 * B)                   # the other view of the same image
+    return F.cross_entropy(logits, pos)
+
+
+def info_nce(q, k, queue, temperature):
+    """MoCo InfoNCE: q, k B x D unit rows, queue K x D (detached); logits B x (1+K), positive at 0."""
+    q, k, queue = q.float(), k.float(), queue.float()
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def neg_cosine(p, z):
+    """-mean cos(p, sg(z)) (SimSiam Eq. 1; BYOL up to 2 - 2x)."""
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
+
+
+def byol_loss(p1, p2, z1, z2):
+    """BYOL: sum over both directions of 2 - 2 cos, minus the constant 4: -2[cos(p1, z2) + cos(p2, z1)], min -4."""
+    return 2 * (neg_cosine(p1, z2) + neg_cosine(p2, z1))
+
+
+def simsiam_loss(p1, p2, z1, z2):
+    """SimSiam Eq. 2: -(1/2)[cos(p1, sg z2) + cos(p2, sg z1)], min -1."""
+    return 0.5 * (neg_cosine(p1, z2) + neg_cosine(p2, z1))
+
+
+@torch.no_grad()
+def ema_update(target, online, m):
+    """theta_target <- m * theta_target + (1 - m) * theta_online, parameters only (buffers stay the target's)."""
+    tp, op = list(target.parameters()), list(online.parameters())
+    torch._foreach_lerp_(tp, [p.detach() for p in op], 1.0 - m)
+
+
+class Queue(nn.Module):
+    """MoCo's FIFO of K unit keys with an integer pointer; enqueue gathers keys from every rank first."""
+
+    def __init__(self, size, dim):
+        super().__init__()
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        keys = gather_no_grad(keys.detach().float())
+        idx = (self.ptr + torch.arange(len(keys), device=keys.device)) % len(self.queue)
+        self.queue[idx] = keys
+        self.ptr.copy_((self.ptr + len(keys)) % len(self.queue))
+
+
+@torch.no_grad()
+def shuffled_forward(encoder, x):
+    """Shuffle-BN (MoCo): the batch is permuted across all ranks before the key pass and un-permuted after,
+    so a key never shares BN statistics with its query. On one device it permutes within the batch (with
+    split-BN this is the official demo's stand-in). Warning: no gradient."""
+    W, r, B = get_world(), get_rank(), x.shape[0]
+    xs = gather_no_grad(x)
+    perm = torch.randperm(len(xs)).to(x.device)
+    if W > 1:
+        dist.broadcast(perm, 0)
+    y = gather_no_grad(encoder(xs[perm][r * B:(r + 1) * B]))
+    return y[torch.argsort(perm)][r * B:(r + 1) * B]
+
+
+class Encoder(nn.Module):
+    """backbone followed by a projection head."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def _head_dims(d, framework, imagenet):
+    """Heads of ContrastiveCrop's table (spec sec. 3): small datasets (ResNet-18) and ImageNet (ResNet-50)."""
+    return {"simclr": [d, d if not imagenet else 2048, 128], "mocov2": [d, d if not imagenet else 2048, 128],
+            "byol": [d, 512 if not imagenet else 4096, 128 if not imagenet else 256],
+            "simsiam": [d, d, d, d] if not imagenet else [d, 2048, 2048, 2048]}[framework]
+
+
+class SimCLR(nn.Module):
+    """SimCLR: z = normalize(proj(f(v))), NT-Xent over 2B anchors with negatives from all ranks."""
+    sync_bn = True
+
+    def __init__(self, backbone, proj_dims, temperature=0.5, loss_scale=1.0):
+        super().__init__()
+        self.encoder = Encoder(backbone, mlp(proj_dims, bn=False))
+        self.temperature, self.loss_scale = temperature, loss_scale
+
+    @property
+    def backbone(self):
+        return self.encoder.backbone
+
+    def forward(self, views, batch=None):
+        z1, z2 = (F.normalize(self.encoder(v).float(), dim=1) for v in views[:2])
+        return self.loss_scale * nt_xent(z1, z2, self.temperature), {}
+
+
+class MoCoV2(nn.Module):
+    """MoCo-v2: query encoder (SGD), key encoder = EMA(query), queue of K keys, InfoNCE at temperature t.
+    symmetric=True adds the swapped term (the demo's symmetric option). Shuffle-BN for keys."""
+    sync_bn = False
+
+    def __init__(self, backbone, proj_dims, queue_size=65536, temperature=0.2, momentum=0.999, symmetric=False):
+        super().__init__()
+        self.encoder_q = Encoder(backbone, mlp(proj_dims, bn=False))
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        self.queue = Queue(queue_size, proj_dims[-1])
+        self.temperature, self.momentum, self.symmetric = temperature, momentum, symmetric
+
+    @property
+    def backbone(self):
+        return self.encoder_q.backbone
+
+    def query(self, x):
+        return F.normalize(self.encoder_q(x).float(), dim=1)
+
+    @torch.no_grad()
+    def keys(self, x):
+        return F.normalize(shuffled_forward(self.encoder_k, x).float(), dim=1)
+
+    def forward(self, views, batch=None):
+        x1, x2 = views[:2]
+        ema_update(self.encoder_k, self.encoder_q, self.momentum)
+        negatives = self.queue.queue.clone()                        # the queue as it stood at step start
+        q1, k2 = self.query(x1), self.keys(x2)
+        loss = info_nce(q1, k2, negatives, self.temperature)        # logits: B x (1+K)
+        keys = [k2]
+        if self.symmetric:
+            q2, k1 = self.query(x2), self.keys(x1)
+            loss = loss + info_nce(q2, k1, negatives, self.temperature)
+            keys.append(k1)
+        self.queue.enqueue(torch.cat(keys))
+        return loss, {}
+
+
+class BYOL(nn.Module):
+    """BYOL: online proj+pred, target = EMA(online backbone+proj) with m (cosine-scheduled to 1 if cosine_ema)."""
+    sync_bn = True
+
+    def __init__(self, backbone, proj_dims, pred_hidden, momentum=0.996, cosine_ema=False):
+        super().__init__()
+        self.online = Encoder(backbone, mlp(proj_dims))
+        self.predictor = mlp([proj_dims[-1], pred_hidden, proj_dims[-1]])
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        self.base_momentum, self.cosine_ema, self.progress = momentum, cosine_ema, 0.0
+
+    @property
+    def backbone(self):
+        return self.online.backbone
+
+    def momentum(self):
+        if not self.cosine_ema:
+            return self.base_momentum
+        return 1 - (1 - self.base_momentum) * (math.cos(math.pi * self.progress) + 1) / 2
+
+    def forward(self, views, batch=None):
+        x1, x2 = views[:2]
+        ema_update(self.target, self.online, self.momentum())
+        p1, p2 = self.predictor(self.online(x1)), self.predictor(self.online(x2))
+        with torch.no_grad():
+            z1, z2 = self.target(x1), self.target(x2)
+        return byol_loss(p1, p2, z1, z2), {}
+
+
+class SimSiam(nn.Module):
+    """SimSiam: shared encoder, predictor h, stop-gradient; the predictor keeps a fixed lr (paper Sec. 4.2)."""
+    sync_bn = True
+
+    def __init__(self, backbone, proj_dims, pred_hidden):
+        super().__init__()
+        d = proj_dims[-1]
+        self.encoder = Encoder(backbone, mlp(proj_dims, last_bn=True, last_affine=False))
+        self.predictor = mlp([d, pred_hidden, d])
+
+    @property
+    def backbone(self):
+        return self.encoder.backbone
+
+    def param_groups(self):
+        return [{"params": list(self.encoder.parameters())},
+                {"params": list(self.predictor.parameters()), "fix_lr": True}]
+
+    def forward(self, views, batch=None):
+        z1, z2 = self.encoder(views[0]), self.encoder(views[1])
+        return simsiam_loss(self.predictor(z1), self.predictor(z2), z1, z2), {}
+
+
+def build_framework(name, backbone, imagenet, args):
+    """One of the four base frameworks with the heads and constants of ContrastiveCrop's table (spec sec. 3-4)."""
+    dims = _head_dims(backbone.out_dim, name, imagenet)
+    if name == "simclr":
+        t = args.temperature or 0.5  # x t/0.07 as ContrastiveCrop's losses/NT_Xent_dist.py
+        return SimCLR(backbone, dims, t, loss_scale=t / 0.07)
+    if name == "mocov2":
+        return MoCoV2(backbone, dims, args.queue_size or 65536, args.temperature or 0.2, args.ema or 0.999)
+    if name == "byol":
+        return BYOL(backbone, dims, 512 if not imagenet else 4096, args.ema or 0.996)
+    if name == "simsiam":
+        return SimSiam(backbone, dims, 128 if not imagenet else 512)
+    raise UserError(f"unknown --framework '{name}'; choose simclr, mocov2, byol or simsiam")
+
+
+# ================================================================ 5. training loop
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(precision, device):
+    """auto: bf16 where the GPU supports it, else fp16 on CUDA (with a GradScaler), fp32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def make_optimizer(model, args):
+    """SGD (momentum 0.9) or LARS over model.param_groups() (or all trainable parameters); lr is per 256 images."""
+    groups = model.param_groups() if hasattr(model, "param_groups") else [
+        {"params": [p for p in model.parameters() if p.requires_grad]}]
+    lr = args.lr * args.batch_size / 256
+    if args.optimizer == "lars":  # biases and norms: no weight decay, no adaptation
+        split = []
+        for g in groups:
+            rest = {k: v for k, v in g.items() if k != "params"}
+            split.append({**rest, "params": [p for p in g["params"] if p.ndim > 1]})
+            split.append({**rest, "params": [p for p in g["params"] if p.ndim <= 1], "lars_exclude": True, "weight_decay": 0.0})
+        opt = LARS([g for g in split if g["params"]], lr=lr, weight_decay=args.wd, eta=args.lars_eta, clip=args.lars_clip)
+    elif args.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=args.wd)
+    else:
+        raise UserError(f"unknown --optimizer '{args.optimizer}'; choose sgd or lars")
+    for g in opt.param_groups:
+        g["base_lr"] = lr
+    return opt
+
+
+def lr_factor(step, steps_per_epoch, epochs, warmup_epochs=0, floor=0.0, per_epoch=False):
+    """Linear warm-up, then cosine from 1 to `floor`; per step, or once per epoch (per_epoch=True)."""
+    e = step // steps_per_epoch if per_epoch else step / steps_per_epoch
+    if e < warmup_epochs:
+        return (step + 1) / (warmup_epochs * steps_per_epoch)
+    t = (e - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None, extra_fn=None, before_epoch=None,
+        extra_state=None, lr_floor=0.0, lr_per_epoch=False, eval_size=None):
+    """Train `model` (forward(views, batch) -> (loss, logs)) on `data.train`, with resume, logs, kNN, checkpoints.
+
+    views_fn/sources_fn/extra_fn: see ViewDataset. before_epoch(epoch): called at the start of each epoch
+    (0-based) before the loader iterator exists; methods recompute boxes or neighbours there.
+    extra_state: object with state_dict()/load_state_dict() saved in the checkpoint (method state).
+    model.after_step() runs after each optimizer step; model.progress is set to step/total before each."""
+    device, rank, world = args.device, get_rank(), get_world()
+    cuda = device.type == "cuda"
+    os.makedirs(args.out, exist_ok=True)
+    unwrapped = batch_norm_policy(model, getattr(model, "sync_bn", False), args.bn_splits).to(device)
+    if cuda:
+        unwrapped = unwrapped.to(memory_format=torch.channels_last)
+    opt = make_optimizer(unwrapped, args)
+    dtype = resolve_precision(args.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    dataset = ViewDataset(data.train, views_fn, sizes, recipes, args.seed, sources_fn, extra_fn)
+    images = data.train.images.to(device) if data.train.in_memory else None
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, args.seed, rank, world)
+    spe = sampler.batches_per_epoch()
+    total = spe * args.epochs
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=cuda,
+                                         persistent_workers=args.workers > 0, generator=torch.Generator())
+    step, history, partial = 0, [], {}
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    if os.path.exists(ckpt_path):
+        ck = load_checkpoint(ckpt_path, args, method, spe)
+        unwrapped.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        if extra_state is not None:
+            extra_state.load_state_dict(ck["extra"])
+        step, history, partial = ck["step"], ck["history"], ck.get("partial", {})
+        set_rng_state(ck["rng"])
+        print0(f"resumed from {ckpt_path} at epoch {step // spe} step {step}")
+    if is_main():
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump({k: v for k, v in vars(args).items() if k != "device"}, f, indent=1, default=str)
+        with open(os.path.join(args.out, "log.jsonl"), "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+    net = torch.nn.parallel.DistributedDataParallel(
+        unwrapped, device_ids=[device.index] if cuda else None, broadcast_buffers=False,
+        find_unused_parameters=getattr(unwrapped, "find_unused_parameters", False)) if world > 1 else unwrapped
+    if args.compile:
+        net = torch.compile(net)
+    print0(f"{method} on {args.dataset}: {len(dataset)} images, {spe} steps/epoch x {args.epochs} epochs, "
+           f"global batch {args.batch_size} on {world} process(es), effective lr {args.lr * args.batch_size / 256:.4g} "
+           f"(= {args.lr} x {args.batch_size}/256), {args.optimizer}, precision {str(dtype)[6:]}, device {device}")
+    knn_top1 = history[-1].get("knn_top1") if history else None
+    start_step = step
+    train_time, t_log, steps_log, stop = 0.0, time.time(), 0, False
+    for epoch in range(step // spe, args.epochs):
+        skip = step - epoch * spe
+        if skip == 0 and before_epoch is not None:
+            before_epoch(epoch)
+        dataset.epoch.fill_(epoch)
+        sampler.set_epoch(epoch, skip)
+        sums = {k: torch.tensor(v, device=device) for k, v in partial.items()} if skip else {}
+        partial = {}
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        t_epoch = time.time()
+        for batch in loader:
+            factor = lr_factor(step, spe, args.epochs, args.warmup_epochs, lr_floor, lr_per_epoch)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * (1.0 if g.get("fix_lr") else factor)
+            unwrapped.progress = step / total
+            views = device_views(batch, images, data.mean, data.std, sizes, device, cuda)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss, logs = net(views, batch)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if hasattr(unwrapped, "after_step"):
+                unwrapped.after_step()
+            bad |= ~torch.isfinite(loss.detach())
+            for k, v in {"loss": loss, **logs}.items():
+                sums[k] = sums.get(k, 0) + torch.as_tensor(v, device=device).detach().float()
+            step += 1
+            steps_log += 1
+            last = step == total or (args.max_steps and step >= args.max_steps)
+            if step % args.log_every == 0 or last:
+                check_finite(bad, step, ckpt_path)
+                dt = time.time() - t_log
+                train_time += dt
+                n_done = step - epoch * spe
+                ips = steps_log * args.batch_size / max(dt, 1e-9)
+                avg = {k: (v / n_done).item() for k, v in sums.items()}
+                eta = (total - step) * args.batch_size / max(ips, 1e-9)
+                print0(f"ep {epoch + 1}/{args.epochs} step {step}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
+                       + f" lr {opt.param_groups[0]['lr']:.4g} img/s {ips:.1f} eta {fmt_time(eta)}")
+                t_log, steps_log = time.time(), 0
+            if args.max_steps and step >= args.max_steps:
+                stop = True
+                break
+        n_done = step - epoch * spe
+        if stop and n_done < spe:  # stopped mid-epoch: keep the partial sums so the resumed epoch logs the same
+            partial = {k: v.item() for k, v in sums.items()}
+            save_state(ckpt_path, args, method, spe, unwrapped, opt, scaler, extra_state, step, history, partial)
+            break
+        check_finite(bad, step, ckpt_path)
+        train_time += time.time() - t_log
+        t_log, steps_log = time.time(), 0
+        rec = {"epoch": epoch + 1, "step": step, **{k: (v / spe).item() for k, v in sums.items()},
+               "lr": opt.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t_epoch, 2)}
+        if extra_state is not None and hasattr(extra_state, "epoch_logs"):
+            rec.update(extra_state.epoch_logs())
+        if args.knn_every and data.knn_val is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            knn_top1 = knn_eval(unwrapped.backbone, data, args, eval_size or sizes[0])[0]
+            rec["knn_top1"] = knn_top1
+            print0(f"ep {epoch + 1}: kNN top-1 {knn_top1:.2f}")
+        history.append(rec)
+        if is_main():
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        save_state(ckpt_path, args, method, spe, unwrapped, opt, scaler, extra_state, step, history, {})
+        t_log = time.time()
+        if stop:
+            break
+    if stop and args.knn_every and data.knn_val is not None and step < total:
+        knn_top1 = knn_eval(unwrapped.backbone, data, args, eval_size or sizes[0])[0]
+    summary = {"method": method, "dataset": args.dataset, "epochs": args.epochs, "steps": step,
+               "train_time_s": round(train_time, 2),
+               "images_per_s": round((step - start_step) * args.batch_size / max(train_time, 1e-9), 1),
+               "knn_top1": knn_top1, "out": args.out}
+    if is_main():
+        export_backbone(unwrapped.backbone, os.path.join(args.out, "backbone.pth"), method=method, dataset=args.dataset,
+                        epoch=step / spe)
+        plot_curves(history, os.path.join(args.out, "curves.png"))
+    return summary, unwrapped
+
+
+def check_finite(bad, step, ckpt_path):
+    if bool(bad):
+        raise UserError(f"the loss became NaN or inf by step {step}; training stopped and the last good checkpoint "
+                        f"({ckpt_path}, if any) is kept; lower --lr or use --precision fp32")
+
+
+def finish(summary):
+    """The last stdout line of every script: one JSON object."""
+    if is_main():
+        print(json.dumps(summary), flush=True)
+
+
+# ================================================================ 6. evaluation (kNN)
+
+class EvalDataset(torch.utils.data.Dataset):
+    """Un-augmented images for evaluation: Resize(size/0.875) + CenterCrop(size) for large images."""
+
+    def __init__(self, source, size, indices):
+        self.source, self.size, self.indices = source, size, indices
+        self.tf = torchvision.transforms.Compose([torchvision.transforms.Resize(round(size / 0.875)),
+                                                  torchvision.transforms.CenterCrop(size), torchvision.transforms.PILToTensor()])
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.tf(self.source.pil(self.indices[i]))
+
+
+@torch.no_grad()
+def extract_features(backbone, source, size, mean, std, device, batch_size=256, workers=0):
+    """Pooled backbone features of every image of `source` (eval mode), computed by rank shards and gathered
+    in index order."""
+    was = backbone.training
+    backbone.eval()
+    n, W, r = len(source), get_world(), get_rank()
+    per = math.ceil(n / W)
+    idx = [min(i, n - 1) for i in range(r * per, (r + 1) * per)]  # padded shard: every rank has `per` rows
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    if source.in_memory:
+        batches = (source.images[idx[i:i + batch_size]] for i in range(0, len(idx), batch_size))
+    else:
+        batches = torch.utils.data.DataLoader(EvalDataset(source, size, idx), batch_size=batch_size, num_workers=workers)
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    feats = []
+    for x in batches:
+        x = x.to(device, non_blocking=True).float() / 255.0
+        if x.shape[-1] != size and source.in_memory:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            feats.append(backbone((x - mean_t) / std_t).float())
+    backbone.train(was)
+    f = gather_no_grad(torch.cat(feats))
+    return f.view(W, per, -1).reshape(W * per, -1)[:n] if W > 1 else f[:n]
+
+
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, num_classes, k=20, T=0.07, chunk=512):
+    """Weighted kNN (Wu et al. 2018): cosine similarity, top-k neighbours vote with exp(sim / T). Returns predictions ranked."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    train_y = train_y.to(train_f.device)
+    k = min(k, len(train_f))
+    out = []
+    for i in range(0, len(test_f), chunk):
+        sim, nn_idx = (test_f[i:i + chunk] @ train_f.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y[nn_idx], (sim / T).exp())
+        out.append(votes.argsort(1, descending=True)[:, :5])
+    return torch.cat(out)
+
+
+def topk_accuracy(ranked, y):
+    y = y.to(ranked.device).view(-1, 1)
+    return 100.0 * (ranked[:, :1] == y).any(1).float().mean().item(), 100.0 * (ranked[:, :5] == y).any(1).float().mean().item()
+
+
+def knn_eval(backbone, data, args, size, k=20, T=0.07):
+    """kNN top-1/top-5 of the backbone: memory = data.knn_train, queries = data.knn_val."""
+    dev = args.device
+    tr = extract_features(backbone, data.knn_train, size, data.mean, data.std, dev, workers=args.workers)
+    te = extract_features(backbone, data.knn_val, size, data.mean, data.std, dev, workers=args.workers)
+    C = int(max(data.knn_train.labels.max(), data.knn_val.labels.max())) + 1
+    return topk_accuracy(knn_classify(tr, data.knn_train.labels, te, C, k, T), data.knn_val.labels)
+
+
+# ================================================================ 7. checkpoints and export
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a run killed during a save keeps the previous file intact."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(states):
+    s = states[get_rank()] if len(states) == get_world() else states[0]
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _strip(sd):
+    return {k.replace("_orig_mod.", "").replace("module.", ""): v for k, v in sd.items()}
+
+
+def save_state(path, args, method, spe, model, opt, scaler, extra_state, step, history, partial):
+    """Full training state: model (with EMA targets, queues), optimizer, scaler, method state, step, RNG of every rank."""
+    rngs = [rng_state()]
+    if get_world() > 1:
+        rngs = [None] * get_world()
+        dist.all_gather_object(rngs, rng_state())
+    extra = extra_state.state_dict() if extra_state is not None else None
+    if is_main():
+        save_atomic({"model": _strip(model.state_dict()), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "extra": extra, "step": step, "steps_per_epoch": spe, "history": history, "partial": partial,
+                     "rng": rngs, "method": method, "args": {k: v for k, v in vars(args).items() if k != "device"}}, path)
+    if get_world() > 1:
+        dist.barrier()
+
+
+RESUME_KEYS = ["dataset", "arch", "stem", "batch_size", "epochs", "framework", "seed", "subset"]
+
+
+def load_checkpoint(path, args, method, spe):
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        saved = ck["args"]
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it or choose another --out")
+    keys = RESUME_KEYS + list(getattr(args, "resume_keys", []))
+    diff = [k for k in keys if saved.get(k) != getattr(args, k, None)]
+    if ck.get("method") != method or diff:
+        what = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k, None)})" for k in diff) or f"method {ck.get('method')}"
+        raise UserError(f"{path} was made with {what}; use the same flags to resume or another --out")
+    if ck["steps_per_epoch"] != spe:
+        raise UserError(f"{path} has {ck['steps_per_epoch']} steps per epoch, this run {spe}; the dataset changed")
+    return ck
+
+
+def export_backbone(backbone, path, **meta):
+    """backbone.pth: a plain torchvision ResNet state dict (fc removed, or the RF MLP in fc) plus metadata."""
+    save_atomic({"state_dict": _strip(backbone.state_dict()), **backbone.arch_meta, **meta}, path)
+
+
+def load_backbone(path, arch=None):
+    """Rebuild a backbone from backbone.pth (or a run folder, or a full checkpoint.pth)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "backbone.pth")
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; pass a run folder or its backbone.pth")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        sd = ck["state_dict"]
+    except Exception as e:
+        raise UserError(f"{path} is not a backbone.pth written by this repository ({type(e).__name__})")
+    arch = arch or ck.get("arch")
+    net = build_backbone(arch, ck.get("stem", "imagenet"), rf_layout=ck.get("rf_layout"), rf_mlp=ck.get("rf_mlp", False))
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError:
+        raise UserError(f"{path} holds a {ck.get('arch')} backbone (stem {ck.get('stem')}), which does not match "
+                        f"--arch {arch}; drop --arch or pass the matching one")
+    return net, ck
+
+
+# ================================================================ 8. plots
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(history, path):
+    """curves.png: training loss and kNN top-1 against the epoch."""
+    if not history:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ep = [h["epoch"] for h in history]
+    ax[0].plot(ep, [h["loss"] for h in history], "o-")
+    ax[0].set(xlabel="epoch", ylabel="training loss")
+    kn = [(h["epoch"], h["knn_top1"]) for h in history if h.get("knn_top1") is not None]
+    if kn:
+        ax[1].plot(*zip(*kn), "o-", color="C1")
+    ax[1].set(xlabel="epoch", ylabel="kNN top-1 (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def denormalize(x, mean, std):
+    """Normalised C x H x W view -> H x W x 3 array in [0, 1] for display."""
+    m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    return (x.detach().float().cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def save_figure_grid(rows, path, title=None, tile=2.0):
+    """rows: lists of panels dict(img=H x W x 3, title=str, boxes=[(top, left, h, w, colour, label)], dashed=bool).
+    Panels with 'draw' (a callable taking a matplotlib axis) are drawn by the caller."""
+    plt = _plt()
+    from matplotlib.patches import Rectangle
+    ncol = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(tile * ncol, tile * len(rows) + (0.4 if title else 0)), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        for ax, panel in zip(ax_row, row + [None] * (ncol - len(row))):
+            ax.axis("off")
+            if panel is None:
+                continue
+            if "draw" in panel:
+                ax.axis("on")
+                panel["draw"](ax)
+            else:
+                ax.imshow(panel["img"], interpolation="nearest")
+            for t, l, h, w, colour, label in panel.get("boxes", []):
+                ax.add_patch(Rectangle((l - 0.5, t - 0.5), w, h, fill=False, ec=colour, lw=1.5,
+                                       ls="--" if colour == "white" else "-"))
+                if label:
+                    ax.text(l, t, label, color=colour, fontsize=6, va="bottom")
+            ax.set_title(panel.get("title", ""), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def show_views(args, data, views_fn, sizes, recipes, path, n=4, sources_fn=None, title=None):
+    """views.png: per image the source with every view's box, then the views as the model sees them."""
+    ds = ViewDataset(data.train, views_fn, sizes, recipes, args.seed, sources_fn)
+    idx = random.Random(args.seed).sample(range(len(ds)), min(n, len(ds)))
+    items = [ds[i] for i in idx]
+    batch = torch.utils.data.default_collate(items)
+    images = data.train.images if data.train.in_memory else None
+    views = device_views(batch, images, data.mean, data.std, sizes, torch.device("cpu"))
+    colours = ["lime", "red", "orange", "deepskyblue", "magenta", "yellow"]
+    rows = []
+    for r, (i, it) in enumerate(zip(idx, items)):
+        boxes = [(*it["boxes"][k].tolist(), colours[k % 6], f"v{k}") for k in range(len(sizes)) if it["src"][k] == i]
+        src = np.asarray(data.train.pil(i)) / 255.0
+        rows.append([{"img": src, "title": f"image {i}", "boxes": boxes}]
+                    + [{"img": denormalize(views[k][r], data.mean, data.std), "title": f"v{k} {sizes[k]}px"} for k in range(len(sizes))])
+    save_figure_grid(rows, path, title)
+
+
+# ================================================================ 9. command line
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        fail(f"{message} (see --help)")
+
+
+def base_parser(description):
+    """The flags every script shares (DESIGN.md sec. 5). Flags left at None are filled from the method's DEFAULTS."""
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)} (synthetic needs no files)")
+    a("--data", default="./data", help="dataset root (ImageFolder root with train/ [val/] for folder/imagenet)")
+    a("--download", action="store_true", help="let torchvision fetch cifar10/cifar100/stl10 into --data")
+    a("--class-list", default=None, help="file with one ImageNet wnid per line: selects those classes (imagenet100)")
+    a("--arch", default=None, help=f"backbone: {', '.join(ARCHS)} (default: the dataset's row of DEFAULTS)")
+    a("--stem", default=None, choices=["auto", "cifar", "imagenet"],
+      help="auto: CIFAR stem (3x3 conv, no max-pool) for 32-64 px data; imagenet on 32 px is ~12x cheaper for CPU runs")
+    a("--subset", type=int, default=0, help="train on the first N training images only (quick runs, tests)")
+    a("--epochs", type=int, default=None, help="training epochs (schedules span them even with --max-steps)")
+    a("--batch-size", type=int, default=None, help="global batch size, split over processes")
+    a("--lr", type=float, default=None, help="learning rate per 256 images; the effective rate is lr x batch/256")
+    a("--wd", type=float, default=None, help="weight decay")
+    a("--optimizer", default=None, choices=["sgd", "lars"], help="sgd (momentum 0.9) or lars")
+    a("--warmup-epochs", type=float, default=None, help="linear lr warm-up epochs before the cosine decay")
+    a("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (0.02 with clipping, solo-learn)")
+    a("--lars-clip", type=int, default=1, help="1: clip the LARS local rate at the global lr")
+    a("--bn-splits", type=int, default=None,
+      help="one process only: BatchNorm over this many chunks of the batch, simulating that many GPUs (MoCo: 8)")
+    a("--gpus", type=int, default=1, help="GPUs on this node (spawns one process each); 0 forces the CPU; ignored under torchrun")
+    a("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU")
+    a("--compile", action="store_true", help="torch.compile the model (CUDA; slower start, faster steps)")
+    a("--workers", type=int, default=None, help="data-loader workers per process (default: 0 for in-memory data, 8 otherwise)")
+    a("--seed", type=int, default=0, help="seed of every random choice (views are seeded by seed, epoch and index)")
+    a("--out", default=None, help="output folder (default runs/<method>-<dataset>); a checkpoint there is resumed")
+    a("--knn-every", type=int, default=1, help="kNN monitor (k=20, T=0.07) every N epochs and at the end; 0 turns it off")
+    a("--log-every", type=int, default=50, help="progress line every N steps")
+    a("--max-steps", type=int, default=0, help="stop after N optimizer steps (schedule unchanged) and save; rerun to resume")
+    a("--show-views", action="store_true", help="write views.png (the views of 4 images) and exit without training")
+    a("--baseline", action="store_true", help="train the method's base framework with everything else equal")
+    return p
+
+
+def parse(p, defaults, method, argv=None):
+    """Parse, then fill every flag left at None from DEFAULTS[dataset] (folder/synthetic: their documented rows)."""
+    args = p.parse_args(argv)
+    if args.dataset not in DATASETS:
+        fail(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
+    row = defaults[args.dataset]
+    for k, v in row.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    for k, v in {"stem": "auto", "optimizer": "sgd", "warmup_epochs": 0, "bn_splits": 1, "wd": 1e-4}.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.out = args.out or os.path.join("runs", f"{method}-{args.dataset}")
+    return args
+
+
+def resolve_data(args, data):
+    """Defaults that depend on the loaded data: the stem (auto) and the number of workers."""
+    side = native_size(data.train)
+    if args.stem == "auto":
+        args.stem = "cifar" if side is not None and side <= 64 else "imagenet"
+    if args.workers is None:
+        args.workers = 0 if data.train.in_memory else min(8, os.cpu_count() or 1)
+    return side
+
+
+# ---- common.py as a script: pretrain one of the four base frameworks
+
+SMALL = dict(arch="resnet18", stem="auto", epochs=500, batch_size=512, lr=0.25, wd=1e-4, optimizer="sgd")
+LARGE = dict(arch="resnet50", stem="imagenet", epochs=100, batch_size=256, lr=0.03, wd=1e-4, optimizer="sgd")
+DEFAULTS = {  # ContrastiveCrop's base-framework settings (specs/contrastive_crop.md sec. 3, 4, 6)
+    **{d: SMALL for d in ["cifar10", "cifar100", "stl10", "tinyimagenet", "synthetic"]},
+    **{d: LARGE for d in ["imagenet100", "imagenet", "folder"]}}
+LARGE_OVERRIDES = {"simclr": dict(batch_size=512, lr=0.025), "byol": dict(batch_size=512, lr=0.05),
+                   "simsiam": dict(batch_size=512, lr=0.05), "mocov2": {}}
+VIEW_SIZE = {"cifar10": 32, "cifar100": 32, "synthetic": 32, "stl10": 96, "tinyimagenet": 64}
+MIN_SCALE = {"simclr": 0.08, "mocov2": 0.2, "byol": 0.08, "simsiam": 0.2}  # each paper's RandomResizedCrop scale
+
+
+def view_size(args, data):
+    """Training view side: native for small datasets (32/64/96), 224 for ImageNet-like and large-image folders."""
+    return VIEW_SIZE.get(args.dataset) or (native_size(data.train) or 224)
+
+
+def two_views(scale):
+    """The classic pair: two independent RandomResizedCrop boxes with flip p=0.5."""
+    def views(index, hw, rng):
+        (H, W), = hw
+        return [Crop(*rrc_box(H, W, scale, rng=rng), rng.random() < 0.5) for _ in range(2)]
+    return views
+
+
+def framework_recipes(name, size):
+    blur = size >= 96
+    if name == "byol":
+        return list(byol_recipes(blur))
+    return [simclr_recipe(blur) if name == "simclr" else mocov2_recipe(blur)] * 2
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    p.add_argument("--framework", default="mocov2", choices=["simclr", "mocov2", "byol", "simsiam"], help="base framework")
+    p.add_argument("--temperature", type=float, default=None, help="SimCLR 0.5, MoCo-v2 0.2")
+    p.add_argument("--queue-size", type=int, default=None, help="MoCo-v2 queue length K (65536); a multiple of the batch")
+    p.add_argument("--ema", type=float, default=None, help="momentum of the EMA encoder (MoCo 0.999, BYOL 0.996)")
+    p.add_argument("--crop-min-scale", type=float, default=None, help="RandomResizedCrop min area (default: the framework's paper)")
+    argv = sys.argv[1:] if argv is None else argv
+    fw = p.parse_known_args(argv)[0].framework
+    defaults = {d: {**row, **(LARGE_OVERRIDES[fw] if row is LARGE else {}), "bn_splits": 8 if fw == "mocov2" else 1}
+                for d, row in DEFAULTS.items()}
+    args = parse(p, defaults, fw, argv)
+    launch(run_base, args)
+
+
+def run_base(args):
+    seed_everything(args.seed)
+    data = load_data(args)
+    resolve_data(args, data)
+    size = view_size(args, data)
+    scale = (args.crop_min_scale or MIN_SCALE[args.framework], 1.0)
+    views, recipes = two_views(scale), framework_recipes(args.framework, size)
+    if args.show_views:
+        os.makedirs(args.out, exist_ok=True)
+        if is_main():
+            show_views(args, data, views, [size, size], recipes, os.path.join(args.out, "views.png"),
+                       title=f"{args.framework}: two RandomResizedCrop views, scale {scale}")
+        finish({"method": args.framework, "views": os.path.join(args.out, "views.png")})
+        return
+    imagenet = args.dataset in ("imagenet", "imagenet100") or size >= 160
+    backbone = build_backbone(args.arch, args.stem, zero_init_residual=args.framework == "simsiam")
+    model = build_framework(args.framework, backbone, imagenet, args)
+    if args.framework == "mocov2" and len(model.queue.queue) % args.batch_size:
+        raise UserError(f"--queue-size {len(model.queue.queue)} must be a multiple of --batch-size {args.batch_size}")
+    summary, _ = fit(args, model, data, views, [size, size], recipes, method=args.framework,
+                     lr_floor=0.1 if not imagenet else 0.0, lr_per_epoch=True)
+    finish(summary)
+
+
+if __name__ == "__main__":
+    main()
