@@ -11,7 +11,7 @@ Run as a script it pretrains one of the four base frameworks (SimCLR, MoCo-v2, B
     python common.py --framework byol --dataset imagenet --data DIR --gpus 8
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 common.py --framework mocov2 --dataset imagenet --data DIR
 """
-import argparse, copy, json, math, os, random, socket, sys, time
+import argparse, copy, json, math, os, random, socket, sys, time, warnings
 from collections import namedtuple
 
 import numpy as np
@@ -1005,6 +1005,7 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
             json.dump({k: v for k, v in vars(args).items() if k != "device"}, f, indent=1, default=str)
         with open(os.path.join(args.out, "log.jsonl"), "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")  # we mean: never sync buffers (queues, BN stats)
     net = torch.nn.parallel.DistributedDataParallel(
         unwrapped, device_ids=[device.index] if cuda else None, broadcast_buffers=False,
         find_unused_parameters=getattr(unwrapped, "find_unused_parameters", False)) if world > 1 else unwrapped
@@ -1052,7 +1053,7 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
                 train_time += dt
                 n_done = step - epoch * spe
                 ips = steps_log * args.batch_size / max(dt, 1e-9)
-                avg = {k: (v / n_done).item() for k, v in sums.items()}
+                avg = {k: v.item() / n_done for k, v in mean_over_ranks(sums).items()}
                 eta = (total - step) * args.batch_size / max(ips, 1e-9)
                 print0(f"ep {epoch + 1}/{args.epochs} step {step}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
                        + f" lr {opt.param_groups[0]['lr']:.4g} img/s {ips:.1f} eta {fmt_time(eta)}")
@@ -1068,7 +1069,7 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
         check_finite(bad, step, ckpt_path)
         train_time += time.time() - t_log
         t_log, steps_log = time.time(), 0
-        rec = {"epoch": epoch + 1, "step": step, **{k: (v / spe).item() for k, v in sums.items()},
+        rec = {"epoch": epoch + 1, "step": step, **{k: v.item() / spe for k, v in mean_over_ranks(sums).items()},
                "lr": opt.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t_epoch, 2)}
         if extra_state is not None and hasattr(extra_state, "epoch_logs"):
             rec.update(extra_state.epoch_logs())
@@ -1097,7 +1098,20 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
     return summary, unwrapped
 
 
+def mean_over_ranks(sums):
+    """Average logged sums over processes (log intervals only: this synchronises)."""
+    if get_world() == 1 or not sums:
+        return sums
+    keys = sorted(sums)
+    t = torch.stack([sums[k] for k in keys]) / get_world()
+    dist.all_reduce(t)
+    return dict(zip(keys, t))
+
+
 def check_finite(bad, step, ckpt_path):
+    if get_world() > 1:
+        bad = bad.clone().float()
+        dist.all_reduce(bad)
     if bool(bad):
         raise UserError(f"the loss became NaN or inf by step {step}; training stopped and the last good checkpoint "
                         f"({ckpt_path}, if any) is kept; lower --lr or use --precision fp32")
@@ -1453,7 +1467,7 @@ def framework_recipes(name, size):
     return [simclr_recipe(blur) if name == "simclr" else mocov2_recipe(blur)] * 2
 
 
-def main(argv=None):
+def parse_base(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--framework", default="mocov2", choices=["simclr", "mocov2", "byol", "simsiam"], help="base framework")
     p.add_argument("--temperature", type=float, default=None, help="SimCLR 0.5, MoCo-v2 0.2")
@@ -1464,31 +1478,44 @@ def main(argv=None):
     fw = p.parse_known_args(argv)[0].framework
     defaults = {d: {**row, **(LARGE_OVERRIDES[fw] if row is LARGE else {}), "bn_splits": 8 if fw == "mocov2" else 1}
                 for d, row in DEFAULTS.items()}
-    args = parse(p, defaults, fw, argv)
-    launch(run_base, args)
+    return parse(p, defaults, fw, argv)
+
+
+def main(argv=None):
+    launch(run_base, parse_base(argv))
+
+
+Setup = namedtuple("Setup", "model views_fn sizes recipes fit_kwargs", defaults=({},))
+Setup.__doc__ = """What a method's build(args, data) returns: everything fit() and tests/benchmark.py need."""
+
+
+def build_base(args, data):
+    """A base framework with its paper's views (two RandomResizedCrops) and recipes."""
+    size = view_size(args, data)
+    scale = (args.crop_min_scale or MIN_SCALE[args.framework], 1.0)
+    imagenet = args.dataset in ("imagenet", "imagenet100") or size >= 160
+    backbone = build_backbone(args.arch, args.stem, zero_init_residual=args.framework == "simsiam")
+    model = build_framework(args.framework, backbone, imagenet, args)
+    if args.framework == "mocov2" and len(model.queue.queue) % args.batch_size:
+        raise UserError(f"--queue-size {len(model.queue.queue)} must be a multiple of --batch-size {args.batch_size}")
+    return Setup(model, two_views(scale), [size, size], framework_recipes(args.framework, size),
+                 dict(lr_floor=0.1 if not imagenet else 0.0, lr_per_epoch=True))
 
 
 def run_base(args):
     seed_everything(args.seed)
     data = load_data(args)
     resolve_data(args, data)
-    size = view_size(args, data)
-    scale = (args.crop_min_scale or MIN_SCALE[args.framework], 1.0)
-    views, recipes = two_views(scale), framework_recipes(args.framework, size)
+    setup = build_base(args, data)
     if args.show_views:
         os.makedirs(args.out, exist_ok=True)
         if is_main():
-            show_views(args, data, views, [size, size], recipes, os.path.join(args.out, "views.png"),
-                       title=f"{args.framework}: two RandomResizedCrop views, scale {scale}")
+            show_views(args, data, setup.views_fn, setup.sizes, setup.recipes, os.path.join(args.out, "views.png"),
+                       title=f"{args.framework}: two RandomResizedCrop views")
         finish({"method": args.framework, "views": os.path.join(args.out, "views.png")})
         return
-    imagenet = args.dataset in ("imagenet", "imagenet100") or size >= 160
-    backbone = build_backbone(args.arch, args.stem, zero_init_residual=args.framework == "simsiam")
-    model = build_framework(args.framework, backbone, imagenet, args)
-    if args.framework == "mocov2" and len(model.queue.queue) % args.batch_size:
-        raise UserError(f"--queue-size {len(model.queue.queue)} must be a multiple of --batch-size {args.batch_size}")
-    summary, _ = fit(args, model, data, views, [size, size], recipes, method=args.framework,
-                     lr_floor=0.1 if not imagenet else 0.0, lr_per_epoch=True)
+    summary, _ = fit(args, setup.model, data, setup.views_fn, setup.sizes, setup.recipes, method=args.framework,
+                     **setup.fit_kwargs)
     finish(summary)
 
 

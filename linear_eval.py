@@ -1,0 +1,167 @@
+"""linear_eval.py: frozen-backbone linear probe and kNN for any checkpoint of this repository.
+
+Protocol (the papers'): the backbone is frozen and in eval mode; a linear classifier on its pooled features
+(standardised by a non-affine BatchNorm, our choice: lr 10/30 then works whatever the feature scale)
+is trained with SGD (momentum 0.9, no weight decay) for 100 epochs, lr x0.1 at 60% and 80% of them;
+lr 10 with batch 512 on small datasets (ContrastiveCrop Table 1), lr 30 with batch 256 on ImageNet (MoCo).
+Training images get RandomResizedCrop + flip; --precompute instead caches the features of un-augmented
+images once (much faster, on CPU too; slightly lower accuracy). kNN: k=20, T=0.07, cosine, weighted votes.
+
+    python linear_eval.py runs/leoclr-cifar10 --dataset cifar10 --data DIR
+    python linear_eval.py runs/logo-cifar10 runs/leoclr-cifar10 --dataset cifar10 --data DIR --precompute   # table + comparison.png
+    python linear_eval.py runs/clim-imagenet --dataset imagenet --data DIR --gpus 8
+    python linear_eval.py runs/x --dataset synthetic --knn-only
+
+Last stdout line: one JSON object {"runs": {run: {"linear_top1", "linear_top5", "linear_best_top1", "knn_top1", "knn_top5"}}}.
+"""
+import copy, json, os, sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+PROTOCOL = {"small": dict(lr=10.0, batch_size=512), "imagenet": dict(lr=30.0, batch_size=256)}
+
+
+def parse(argv=None):
+    p = common.Parser(description=__doc__, formatter_class=common.argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("runs", nargs="+", help="run folders or backbone.pth files")
+    a("--dataset", default="cifar10", help=f"one of {', '.join(common.DATASETS)}")
+    a("--data", default="./data", help="dataset root")
+    a("--download", action="store_true", help="let torchvision fetch cifar10/cifar100/stl10")
+    a("--class-list", default=None, help="ImageNet wnids, one a line (imagenet100 from a full ImageNet root)")
+    a("--subset", type=int, default=0, help="use the first N training images only")
+    a("--arch", default=None, help="expected architecture; default: the one stored in backbone.pth")
+    a("--epochs", type=int, default=100, help="linear-classifier epochs (100; lr x0.1 at 60%% and 80%%)")
+    a("--lr", type=float, default=None, help="classifier lr (10 for small datasets, 30 for ImageNet)")
+    a("--batch-size", type=int, default=None, help="global batch (512 small datasets, 256 ImageNet)")
+    a("--knn-only", action="store_true", help="only the kNN classifier (seconds)")
+    a("--precompute", action="store_true", help="cache features of un-augmented images once; no augmentation")
+    a("--size", type=int, default=None, help="input side (default: 32/64/96 native, 224 for ImageNet-like)")
+    a("--gpus", type=int, default=1, help="GPUs (0 = CPU); under torchrun the environment decides")
+    a("--workers", type=int, default=None, help="data-loader workers")
+    a("--seed", type=int, default=0, help="seed")
+    a("--out", default=None, help="where comparison.png goes (default: the first run's folder)")
+    args = p.parse_args(argv)
+    if args.dataset not in common.DATASETS:
+        common.fail(f"unknown dataset '{args.dataset}'; choose one of {', '.join(common.DATASETS)}")
+    return args
+
+
+def run(args):
+    common.seed_everything(args.seed)
+    data = common.load_data(args)
+    if data.knn_val is None:
+        raise common.UserError(f"{args.dataset} at {args.data} has no labelled train/val split to evaluate on")
+    if args.workers is None:
+        args.workers = 0 if data.knn_train.in_memory else 8
+    size = args.size or common.VIEW_SIZE.get(args.dataset) or common.native_size(data.knn_train) or 224
+    proto = PROTOCOL["small" if size < 160 else "imagenet"]
+    args.lr, args.batch_size = args.lr or proto["lr"], args.batch_size or proto["batch_size"]
+    results = {}
+    for path in args.runs:
+        net, meta = common.load_backbone(path, args.arch)
+        net = net.to(args.device).eval().requires_grad_(False)
+        frozen = copy.deepcopy(net.state_dict())
+        common.print0(f"{path}: {meta.get('method')} {meta.get('arch')} ({meta.get('stem')} stem), epoch {meta.get('epoch')}")
+        res = evaluate(net, data, args, size)
+        for k, v in net.state_dict().items():  # the probe must not touch the backbone (moco-v3 habit)
+            assert torch.equal(v, frozen[k]), f"backbone changed during linear evaluation: {k}"
+        results[path] = res
+        common.print0(f"{path}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items() if v is not None))
+    if common.is_main():
+        report(results, args)
+    common.finish({"dataset": args.dataset, "runs": results})
+
+
+def evaluate(net, data, args, size):
+    dev = args.device
+    tr_f = common.extract_features(net, data.knn_train, size, data.mean, data.std, dev, workers=args.workers)
+    te_f = common.extract_features(net, data.knn_val, size, data.mean, data.std, dev, workers=args.workers)
+    C = int(max(data.knn_train.labels.max(), data.knn_val.labels.max())) + 1
+    knn1, knn5 = common.topk_accuracy(common.knn_classify(tr_f, data.knn_train.labels, te_f, C), data.knn_val.labels)
+    res = {"knn_top1": knn1, "knn_top5": knn5}
+    if args.knn_only:
+        return res
+    # BN without affine standardises the frozen features (as MAE's probe), so lr 10/30 works whatever their
+    # scale; at test time it is a fixed affine map folded into the linear layer: still a linear classifier.
+    head = nn.Sequential(nn.BatchNorm1d(net.out_dim, affine=False), nn.Linear(net.out_dim, C)).to(dev)
+    head[1].weight.data.normal_(0, 0.01)
+    head[1].bias.data.zero_()
+    ddp = nn.parallel.DistributedDataParallel(head, device_ids=[dev.index] if dev.type == "cuda" else None) \
+        if common.get_world() > 1 else head
+    opt = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.6 * args.epochs), int(0.8 * args.epochs)], 0.1)
+    y_tr = data.knn_train.labels.to(dev)
+    best = 0.0
+    if not args.precompute:
+        views = lambda i, hw, rng: [common.Crop(*common.rrc_box(*hw[0], (0.08, 1.0), rng=rng), rng.random() < 0.5)]
+        plain = common.Recipe(p_jitter=0.0, p_gray=0.0)
+        ds = common.ViewDataset(data.knn_train, views, [size], [plain], args.seed)
+        sampler = common.GlobalBatchSampler(len(ds), min(args.batch_size, len(ds)), args.seed, common.get_rank(), common.get_world())
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers,
+                                             persistent_workers=args.workers > 0)
+        images = data.knn_train.images.to(dev) if data.knn_train.in_memory else None
+    for epoch in range(args.epochs):
+        if args.precompute:  # every rank holds all features: shard each global batch like the sampler does
+            perm = torch.randperm(len(tr_f), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(dev)
+            gb = min(args.batch_size, len(tr_f))
+            lb = gb // common.get_world()
+            batches = ((tr_f[b], y_tr[b]) for b in (perm[i + common.get_rank() * lb:i + (common.get_rank() + 1) * lb]
+                                                     for i in range(0, len(perm) - gb + 1, gb)))
+        else:
+            ds.epoch.fill_(epoch)
+            sampler.set_epoch(epoch)
+            batches = ((net(common.device_views(b, images, data.mean, data.std, [size], dev)[0]).float(), b["label"].to(dev))
+                       for b in loader)
+        for f, y in batches:
+            loss = F.cross_entropy(ddp(f), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
+            head.eval()
+            with torch.no_grad():
+                top1, top5 = common.topk_accuracy(head(te_f).argsort(1, descending=True)[:, :5], data.knn_val.labels)
+            head.train()
+            best = max(best, top1)
+            common.print0(f"  linear epoch {epoch + 1}/{args.epochs}: loss {loss.item():.4f} top-1 {top1:.2f} top-5 {top5:.2f}")
+    res.update(linear_top1=top1, linear_top5=top5, linear_best_top1=best)
+    return res
+
+
+def report(results, args):
+    """Markdown table on stdout; with several runs also comparison.png."""
+    cols = ["linear_top1", "linear_top5", "knn_top1", "knn_top5"]
+    print("| run | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    for path, r in results.items():
+        print(f"| {path} | " + " | ".join(f"{r[c]:.2f}" if r.get(c) is not None else "-" for c in cols) + " |")
+    if len(results) > 1:
+        plt = common._plt()
+        out = args.out or (args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0]) or ".")
+        os.makedirs(out, exist_ok=True)
+        names = [os.path.basename(os.path.normpath(p)) for p in results]
+        fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.2))
+        w = 0.38
+        for j, c in enumerate(["linear_top1", "knn_top1"]):
+            vals = [r.get(c) or 0 for r in results.values()]
+            ax.bar([i + (j - 0.5) * w for i in range(len(names))], vals, w, label=c)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
+        ax.set(ylabel="top-1 (%)", title=f"{args.dataset}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "comparison.png"), dpi=100)
+        plt.close(fig)
+        print(f"wrote {os.path.join(out, 'comparison.png')}")
+
+
+def main(argv=None):
+    common.launch(run, parse(argv))
+
+
+if __name__ == "__main__":
+    main()
