@@ -11,7 +11,7 @@ Run as a script it pretrains one of the four base frameworks (SimCLR, MoCo-v2, B
     python common.py --framework byol --dataset imagenet --data DIR --gpus 8
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 common.py --framework mocov2 --dataset imagenet --data DIR
 """
-import argparse, copy, json, math, os, random, socket, sys, time, warnings
+import argparse, copy, functools, json, math, os, random, socket, sys, time, warnings
 from collections import namedtuple
 
 import numpy as np
@@ -697,6 +697,16 @@ class LARS(torch.optim.Optimizer):
 # Losses are pure functions (fp32); the modules expose their pieces (encoders, heads, EMA, queue)
 # so a method can reuse them; forward(views, batch) returns (loss, logs).
 
+def fp32(loss_fn):
+    """Run a loss in fp32 even inside autocast, which would otherwise run its matmuls in bf16/fp16."""
+    @functools.wraps(loss_fn)
+    def wrapped(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return loss_fn(*args, **kwargs)
+    return wrapped
+
+
+@fp32
 def nt_xent(z1, z2, temperature):
     """SimCLR (NT-Xent). z1, z2: B x D unit rows of this rank; negatives are gathered *with gradient*
     from every rank. Each of the 2B local anchors: -log exp(z_i.z_p/t) / sum_{j != i} exp(z_i.z_j/t)."""
@@ -712,6 +722,7 @@ def nt_xent(z1, z2, temperature):
     return F.cross_entropy(logits, pos)
 
 
+@fp32
 def info_nce(q, k, queue, temperature):
     """MoCo InfoNCE: q, k B x D unit rows, queue K x D (detached); logits B x (1+K), positive at 0."""
     q, k, queue = q.float(), k.float(), queue.float()
@@ -719,6 +730,7 @@ def info_nce(q, k, queue, temperature):
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
+@fp32
 def neg_cosine(p, z):
     """-mean cos(p, sg(z)) (SimSiam Eq. 1; BYOL up to 2 - 2x)."""
     return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
@@ -1400,7 +1412,8 @@ def base_parser(description):
     a("--workers", type=int, default=None, help="data-loader workers per process (default: 0 for in-memory data, 8 otherwise)")
     a("--seed", type=int, default=0, help="seed of every random choice (views are seeded by seed, epoch and index)")
     a("--out", default=None, help="output folder (default runs/<method>-<dataset>); a checkpoint there is resumed")
-    a("--knn-every", type=int, default=1, help="kNN monitor (k=20, T=0.07) every N epochs and at the end; 0 turns it off")
+    a("--knn-every", type=int, default=None,
+      help="kNN monitor (k=20, T=0.07) every N epochs and at the end (default 1; 10 on ImageNet); 0 turns it off")
     a("--log-every", type=int, default=50, help="progress line every N steps")
     a("--max-steps", type=int, default=0, help="stop after N optimizer steps (schedule unchanged) and save; rerun to resume")
     a("--show-views", action="store_true", help="write views.png (the views of 4 images) and exit without training")
@@ -1417,7 +1430,8 @@ def parse(p, defaults, method, argv=None):
     for k, v in row.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    for k, v in {"stem": "auto", "optimizer": "sgd", "warmup_epochs": 0, "bn_splits": 1, "wd": 1e-4}.items():
+    knn = 10 if args.dataset in ("imagenet", "imagenet100") else 1  # a kNN pass over ImageNet costs ~1/3 epoch
+    for k, v in {"stem": "auto", "optimizer": "sgd", "warmup_epochs": 0, "bn_splits": 1, "wd": 1e-4, "knn_every": knn}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = args.out or os.path.join("runs", f"{method}-{args.dataset}")

@@ -411,3 +411,23 @@ def test_linear_eval_compares_several_runs(tmp_path):
     assert r.rc == 0, r.err
     assert set(r.json["runs"]) == set(paths) and "| run | linear_top1" in r.out
     assert os.path.getsize(tmp_path / "comparison.png") > 0
+
+
+def test_show_views_without_training(tmp_path):
+    import matplotlib.image as mpimg
+    out = str(tmp_path / "v")
+    r = run_cli("common.py", *TINY, "--framework", "byol", "--show-views", "--out", out)
+    assert r.rc == 0 and r.json["views"].endswith("views.png")
+    img = mpimg.imread(os.path.join(out, "views.png"))
+    assert img.shape[0] > 400 and img.shape[1] > 300 and img.std() > 0.05       # 4 rows of source + 2 views
+    assert not os.path.exists(os.path.join(out, "checkpoint.pth"))
+
+
+def test_losses_stay_fp32_under_autocast():
+    torch.manual_seed(0)
+    q, queue = (torch.nn.functional.normalize(torch.randn(n, 8), dim=1) for n in (4, 16))
+    ref = (common.info_nce(q, q, queue, 0.2), common.nt_xent(q, queue[:4], 0.5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = (common.info_nce(q, q, queue, 0.2), common.nt_xent(q, queue[:4], 0.5))
+    for a, b in zip(ref, low):
+        assert b.dtype == torch.float32 and a.item() == b.item()
