@@ -320,7 +320,7 @@ def load_data(args):
         knn_train = train if train.has_labels and val is not None else None
         if knn_train is None:
             val = None
-    if args.subset and name != "folder":
+    if args.subset and name in ("cifar10", "cifar100", "stl10", "tinyimagenet"):  # ImageFolder roots: done above
         train = train.subset(args.subset)
         knn_train = train if knn_train is not None and name != "stl10" else knn_train
     return Data(train, knn_train, val, mean, std)
