@@ -1452,7 +1452,10 @@ def resolve_data(args, data):
 
 SMALL = dict(arch="resnet18", stem="auto", epochs=500, batch_size=512, lr=0.25, wd=1e-4, optimizer="sgd")
 LARGE = dict(arch="resnet50", stem="imagenet", epochs=100, batch_size=256, lr=0.03, wd=1e-4, optimizer="sgd")
-DEFAULTS = {  # ContrastiveCrop's base-framework settings (specs/contrastive_crop.md sec. 3, 4, 6)
+# Heads, constants and optimisation rows: ContrastiveCrop's base-framework table (specs/contrastive_crop.md
+# sec. 3, 4, 6). Views and recipes: each framework's own paper (MIN_SCALE, framework_recipes); contrastive_crop.py
+# uses its spec's single recipe instead. Stem: auto (CIFAR stem for 32-64 px, as DESIGN.md).
+DEFAULTS = {
     **{d: SMALL for d in ["cifar10", "cifar100", "stl10", "tinyimagenet", "synthetic"]},
     **{d: LARGE for d in ["imagenet100", "imagenet", "folder"]}}
 LARGE_OVERRIDES = {"simclr": dict(batch_size=512, lr=0.025), "byol": dict(batch_size=512, lr=0.05),
