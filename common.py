@@ -172,10 +172,11 @@ class Source:
             return Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
         return _open_rgb(self.files[i])
 
-    def subset(self, n):
-        n = min(n, len(self))
-        return Source(self.labels[:n], None if self.images is None else self.images[:n],
-                      None if self.files is None else self.files[:n], self.classes, self.name)
+    def subset(self, n, spread=False):
+        """The first n images, or with spread=True n evenly spaced ones (an ImageFolder lists its files by class)."""
+        idx = torch.linspace(0, len(self) - 1, min(n, len(self))).round().long() if spread else torch.arange(min(n, len(self)))
+        return Source(self.labels[idx], None if self.images is None else self.images[idx],
+                      None if self.files is None else [self.files[i] for i in idx], self.classes, self.name)
 
 
 def _open_rgb(path):
@@ -315,13 +316,13 @@ def load_data(args):
         if name == "imagenet100" and len(train.classes) != 100:
             raise UserError(f"imagenet100 expects 100 classes under {root}, found {len(train.classes)}; "
                             "pass --class-list FILE (one wnid a line) to select them from a full ImageNet root")
-        train = _maybe_in_memory(train.subset(args.subset) if args.subset else train)
+        train = _maybe_in_memory(train.subset(args.subset, spread=True) if args.subset else train)
         val = _maybe_in_memory(val) if val is not None else None
         knn_train = train if train.has_labels and val is not None else None
         if knn_train is None:
             val = None
     if args.subset and name in ("cifar10", "cifar100", "stl10", "tinyimagenet"):  # ImageFolder roots: done above
-        train = train.subset(args.subset)
+        train = train.subset(args.subset, spread=name == "tinyimagenet")
         knn_train = train if knn_train is not None and name != "stl10" else knn_train
     return Data(train, knn_train, val, mean, std)
 
@@ -620,35 +621,39 @@ def mlp(dims, bn=True, last_bn=False, last_affine=True):
     return nn.Sequential(*layers)
 
 
-class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm over `splits` contiguous chunks of the batch: one device stands in for `splits` GPUs
+class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (1d or 2d) over `splits` contiguous chunks of the batch: one device stands in for `splits` GPUs
     (MoCo's official CIFAR demo). Eval mode is plain BN; parameters and buffers keep torchvision names."""
 
     def __init__(self, num_features, splits, **kw):
         super().__init__(num_features, **kw)
         self.splits = splits
 
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(f"expected 2D to 4D input (got {x.dim()}D)")
+
     def forward(self, x):
-        N, C, H, W = x.shape
-        s = self.splits
+        s, N, C, rest = self.splits, x.shape[0], x.shape[1], x.shape[2:]
         if not self.training or s == 1 or N % s:
             return super().forward(x)
         self.num_batches_tracked += 1
         rm, rv = self.running_mean.repeat(s), self.running_var.repeat(s)
-        xs = x.view(s, N // s, C, H, W).transpose(0, 1).reshape(N // s, s * C, H, W)
-        y = F.batch_norm(xs, rm, rv, self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
+        w, b = (None, None) if self.weight is None else (self.weight.repeat(s), self.bias.repeat(s))
+        xs = x.reshape(s, N // s, C, *rest).transpose(0, 1).reshape(N // s, s * C, *rest)   # chunk k -> channels k
+        y = F.batch_norm(xs, rm, rv, w, b, True, self.momentum, self.eps)
         self.running_mean.copy_(rm.view(s, C).mean(0))
         self.running_var.copy_(rv.view(s, C).mean(0))
-        return y.view(N // s, s, C, H, W).transpose(0, 1).reshape(N, C, H, W)
+        return y.reshape(N // s, s, C, *rest).transpose(0, 1).reshape(N, C, *rest)
 
 
 def convert_split_bn(module, splits):
-    """Replace every BatchNorm2d by SplitBatchNorm (same state dict)."""
+    """Replace every BatchNorm1d/2d by SplitBatchNorm (same state dict)."""
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            new = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum)
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            new = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum, affine=child.affine)
             new.load_state_dict(child.state_dict())
-            setattr(module, name, new)
+            setattr(module, name, new.to(next(child.buffers()).device))
         else:
             convert_split_bn(child, splits)
     return module
@@ -1395,7 +1400,9 @@ def base_parser(description):
     a("--arch", default=None, help=f"backbone: {', '.join(ARCHS)} (default: the dataset's row of DEFAULTS)")
     a("--stem", default=None, choices=["auto", "cifar", "imagenet"],
       help="auto: CIFAR stem (3x3 conv, no max-pool) for 32-64 px data; imagenet on 32 px is ~12x cheaper for CPU runs")
-    a("--subset", type=int, default=0, help="train on the first N training images only (quick runs, tests)")
+    a("--subset", type=int, default=0,
+      help="train on N training images only (quick runs, tests): the first N; from an ImageFolder, N evenly spaced "
+           "over its class-sorted files so that every class appears")
     a("--epochs", type=int, default=None, help="training epochs (schedules span them even with --max-steps)")
     a("--batch-size", type=int, default=None, help="global batch size, split over processes")
     a("--lr", type=float, default=None, help="learning rate per 256 images; the effective rate is lr x batch/256")

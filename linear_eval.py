@@ -14,7 +14,7 @@ images once (much faster, on CPU too; slightly lower accuracy). kNN: k=20, T=0.0
 
 Last stdout line: one JSON object {"runs": {run: {"linear_top1", "linear_top5", "linear_best_top1", "knn_top1", "knn_top5"}}}.
 """
-import copy, json, os, sys
+import copy, os
 
 import torch
 import torch.nn as nn

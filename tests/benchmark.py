@@ -21,6 +21,7 @@ import common  # noqa: E402
 
 FRAMEWORKS = ["simclr", "mocov2", "byol", "simsiam"]
 METHODS = ["logo", "co_ssl", "contrastive_crop", "leoclr", "clim"]
+QUEUE_METHODS = {"mocov2", "logo", "contrastive_crop", "leoclr", "clim"}  # take --queue-size (a multiple of the batch)
 
 
 def sync(device):
@@ -126,15 +127,16 @@ def main():
     methods = a.methods or FRAMEWORKS + [m for m in METHODS if os.path.exists(os.path.join(here, f"{m}.py"))]
     extra = ["--dataset", a.dataset, "--data", a.data, "--arch", a.arch, "--stem", a.stem, "--batch-size", str(a.batch_size),
              "--workers", str(a.workers), "--precision", a.precision, "--subset", str(max(a.batch_size * (a.steps + a.warmup), 256)),
-             "--queue-size", str(a.batch_size * 64), "--out", "/tmp/benchmark-unused"]
+             "--out", "/tmp/benchmark-unused"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; dataset {a.dataset}, arch {a.arch} ({a.stem} stem), "
           f"batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up")
     rows = []
     for m in methods:
+        flags = extra + (["--queue-size", str(a.batch_size * 64)] if m in QUEUE_METHODS else [])
         try:
-            rows.append(bench(m, extra, device, a.steps, a.warmup))
-        except Exception as e:  # one broken method should not hide the others' numbers
+            rows.append(bench(m, flags, device, a.steps, a.warmup))
+        except (Exception, SystemExit) as e:  # one broken method should not hide the others' numbers
             print(f"{m}: failed: {type(e).__name__}: {e}")
     print("\n| method | views (px) | data img/s | step img/s | bare backbone img/s | step time / bare | data / step |")
     print("|---|---|---|---|---|---|---|")

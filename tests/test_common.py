@@ -205,6 +205,10 @@ def test_split_batch_norm_equals_per_chunk_batch_norm():
     plain = nn.BatchNorm2d(4)
     ref = torch.cat([plain(x[:4]), nn.BatchNorm2d(4)(x[4:])])
     assert torch.allclose(split(x), ref, atol=1e-5)
+    x1 = torch.randn(6, 5)
+    split1 = common.convert_split_bn(nn.Sequential(nn.BatchNorm1d(5, affine=False)), 3)[0]
+    ref1 = torch.cat([nn.BatchNorm1d(5, affine=False)(c) for c in x1.split(2)])
+    assert torch.allclose(split1(x1), ref1, atol=1e-5)
     m = common.convert_split_bn(small_backbone(), 4)
     assert isinstance(m.bn1, common.SplitBatchNorm)
     assert set(m.state_dict()) == set(small_backbone().state_dict())
@@ -431,3 +435,11 @@ def test_losses_stay_fp32_under_autocast():
         low = (common.info_nce(q, q, queue, 0.2), common.nt_xent(q, queue[:4], 0.5))
     for a, b in zip(ref, low):
         assert b.dtype == torch.float32 and a.item() == b.item()
+
+
+def test_folder_subset_spans_every_class(tmp_path):
+    for c in range(3):
+        for j in range(4):
+            _png(tmp_path / "train" / f"class{c}" / f"{j}.png", 10 * c + j)
+    d = common.load_data(_args(data=str(tmp_path), subset=3))
+    assert sorted(d.train.labels.tolist()) == [0, 1, 2] and d.train.images.shape[0] == 3
