@@ -654,6 +654,7 @@ def convert_split_bn(module, splits):
         if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
             new = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum, affine=child.affine)
             new.load_state_dict(child.state_dict())
+            new.requires_grad_(any(p.requires_grad for p in child.parameters()))  # a frozen EMA target stays frozen
             setattr(module, name, new.to(next(child.buffers()).device))
         else:
             convert_split_bn(child, splits)

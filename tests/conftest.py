@@ -1,5 +1,5 @@
 """Shared test helpers: run a script through its real command line, locate the real data, compare states."""
-import json, os, socket, subprocess, sys
+import json, math, os, shutil, socket, subprocess, sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -41,12 +41,67 @@ def run_cli(script, *args, nproc=1, timeout=600):
     return Result(p.returncode, p.stdout, p.stderr, js)
 
 
-def params_close(sd_a, sd_b, atol=1e-5, rtol=1e-4):
-    """True when two state dicts agree on every tensor except BN running statistics (per-process by design)."""
-    skip = ("running_mean", "running_var", "num_batches_tracked")
-    bad = [k for k in sd_a if not k.endswith(skip) and not torch.allclose(sd_a[k].float(), sd_b[k].float(), atol=atol, rtol=rtol)]
-    assert not bad, f"{len(bad)} tensors differ, first: {bad[:3]}"
-    return True
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")   # per process by design: never compared
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def without(args, flag):
+    """args with `flag` and its value removed."""
+    i = args.index(flag)
+    return args[:i] + args[i + 2:]
+
+
+def load_model(run_dir):
+    return torch.load(os.path.join(run_dir, "checkpoint.pth"), weights_only=False)["model"]
+
+
+def assert_same_update(prev, one, two, rel=1e-3):
+    """Two configurations (1 vs 2 processes, sharded vs whole) took the same optimizer step from the same state `prev`.
+
+    The yardstick is that step itself. For every tensor t (parameters, EMA targets, queues; BN running statistics
+    excluded) of n_t elements, in L2 norms:
+        |one_t - two_t| <= rel * max(|one_t - prev_t|, rms * sqrt(n_t)) + 4 eps32 |one_t|
+    where rms is the root-mean-square step of one element over the whole model. Where the numbers come from:
+    - a real difference (a missing gradient all-reduce, other samples, crops or negatives on one rank, BN over other
+      chunks) changes the step itself by a sizeable fraction of it (measured: 0.1 to 1);
+    - one step of fp32 summation-order noise changes a gradient by about sqrt(terms) x eps ~ 1e-5 of itself
+      (measured 1e-5 for 1 vs 2 processes, and the same for 1 process on 1 vs 2 threads): rel = 1e-3 leaves about
+      two decades on each side;
+    - the rms floor: a tensor whose gradient is a sum that nearly cancels (a BN bias) has noise relative to the terms
+      summed, not to their small sum, so its yardstick is the step an average element of the model takes;
+    - 4 eps32 |t| is the rounding of the stored tensor itself (a BN weight near 1.0 moves by whole ulps).
+    Several steps are never compared this way: a summation-order difference grows by up to ~30x a step (SimCLR at
+    T 0.5 on 8-sample BatchNorm), so after 4 steps it reaches 8 % of a step with identical semantics."""
+    keys = [k for k, a in one.items() if not k.endswith(BN_STATS) and a.is_floating_point()]
+    for k, a in one.items():
+        if not k.endswith(BN_STATS) and not a.is_floating_point():
+            assert torch.equal(a, two[k]), k   # integer state (queue pointers) must agree exactly
+    steps = {k: (one[k].double() - prev[k].double()).norm().item() for k in keys}
+    rms = math.sqrt(sum(v * v for v in steps.values()) / sum(one[k].numel() for k in keys))
+    bad = []
+    for k in keys:
+        diff = (one[k].double() - two[k].double()).norm().item()
+        yardstick = max(steps[k], rms * math.sqrt(one[k].numel()))
+        if diff > rel * yardstick + 4 * EPS32 * one[k].double().norm().item():
+            bad.append((diff / yardstick, f"{k}: |diff| {diff:.3g} vs step {steps[k]:.3g} (ratio {diff / yardstick:.3g})"))
+    assert not bad, f"{len(bad)} tensors differ by more than {rel:g} of one step, worst first: " + "; ".join(
+        b for _, b in sorted(bad, reverse=True)[:3])
+
+
+def last_step_both_ways(script, args, steps, root, nproc_two=2, runner=None):
+    """Train `steps - 1` steps in one process (split-BN over 2 chunks stands in for 2 processes), then take the last
+    step from that same checkpoint twice: in one process, and in `nproc_two` processes. Returns the three models
+    (prev, one, two). Starting both from one state makes the comparison one step's noise (see assert_same_update)."""
+    root = Path(root)
+    r = run_cli(script, *args, "--bn-splits", "2", "--max-steps", steps - 1, "--out", root / "prev")
+    assert r.rc == 0 and r.json["steps"] == steps - 1, r.err[-3000:]
+    for d in ("one", "two"):
+        shutil.copytree(root / "prev", root / d)
+    r = run_cli(script, *args, "--bn-splits", "2", "--max-steps", steps, "--out", root / "one")
+    assert r.rc == 0 and r.json["steps"] == steps, r.err[-3000:]
+    r = (runner or run_cli)(script, *args, "--max-steps", steps, "--out", root / "two", nproc=nproc_two)
+    assert r.rc == 0 and r.json["steps"] == steps, r.err[-3000:]
+    return tuple(load_model(root / d) for d in ("prev", "one", "two"))
 
 
 @pytest.fixture

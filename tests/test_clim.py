@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import clim
 import common
-from conftest import TINY, free_port, params_close, run_cli
+from conftest import EPS32, TINY, assert_same_update, free_port, last_step_both_ways, run_cli, without
 
 e = torch.eye(3)
 
@@ -251,8 +251,15 @@ def test_bank_and_table_from_two_ranks_equal_one(tmp_path):
     sel = selection_for_test(tmp_path, n=13)
     one = clim.selection_pass(sel.model.encoder_k, sel.data, 8, sel.args, 3, epoch=0)
     x = (sel.data.train.images.float() / 255 - 0.5) / 0.25
-    assert torch.allclose(one["z"], F.normalize(sel.model.encoder_k.eval()(x), dim=1), atol=1e-6)  # index order
-    assert torch.allclose(two["z"], one["z"], atol=1e-6) and torch.equal(two["assign"], one["assign"])
+    # Unit rows from the same weights, batched differently: a 192-term dot product in fp32 is off by at most
+    # 192 eps of its unit-scale result (worst case, any summation order).
+    tol = 192 * EPS32
+    assert torch.allclose(one["z"], F.normalize(sel.model.encoder_k.eval()(x), dim=1), atol=tol)  # index order
+    assert torch.allclose(two["z"], one["z"], atol=tol)
+    # Discrete outputs agree exactly when no point is within noise of a tie between its two nearest centres.
+    top2 = (one["z"] @ one["centres"].T).topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 4 * tol
+    assert torch.equal(two["assign"], one["assign"])
     assert torch.equal(two["table"], one["table"]) and two["table"].shape == (13, 4)
 
 
@@ -299,14 +306,14 @@ def test_e2e_resume_is_exact_and_does_not_reselect(runs):
     assert torch.equal(a["extra"]["table"], b["extra"]["table"]) and torch.equal(a["extra"]["centres"], b["extra"]["centres"])
 
 
-def test_e2e_two_processes_match_split_bn(runs, tmp_path):
-    a = runs[3]                                        # one process, --bn-splits 2, stopped at step 3
-    r = run_cli("clim.py", *CLI, "--max-steps", "3", "--out", tmp_path / "two", nproc=2)
-    assert r.rc == 0 and a is not None, r.err
-    b = torch.load(tmp_path / "two" / "checkpoint.pth", weights_only=False)
+def test_e2e_two_processes_match_split_bn(tmp_path):
+    """From the checkpoint at the end of epoch 1, two processes run the selection pass (sharded) and take step 3 as
+    one process does."""
+    args = without(CLI, "--bn-splits")
+    assert_same_update(*last_step_both_ways("clim.py", args, 3, tmp_path))
+    a, b = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=False) for d in ("one", "two"))
     assert b["extra"]["last_select_epoch"] == 1 and b["step"] == 3
     assert torch.equal(a["extra"]["table"], b["extra"]["table"])
-    assert params_close(a["model"], b["model"])
 
 
 def test_e2e_baseline(tmp_path):

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import TINY, params_close, run_cli
+from conftest import TINY, assert_same_update, last_step_both_ways, run_cli
 import common
 import leoclr
 
@@ -209,9 +209,10 @@ def test_queue_enqueue_and_snapshot():
     loss, logs = model(views)
     Q = model.queue.queue
     assert int(model.queue.ptr) == 8 and torch.equal(Q[8:], before[8:])
-    with torch.no_grad():  # plain BN: statistics do not depend on the shuffle
-        assert torch.allclose(Q[:4], F.normalize(model.encoder_k(views[1]), dim=1), atol=1e-6)
-        assert torch.allclose(Q[4:8], F.normalize(model.encoder_k(views[2]), dim=1), atol=1e-6)
+    with torch.no_grad():  # plain BN: statistics do not depend on the shuffle, only their summation order (unit
+        # rows through a few layers: tens of eps; 1e-5 = 84 eps)
+        assert torch.allclose(Q[:4], F.normalize(model.encoder_k(views[1]), dim=1), atol=1e-5)
+        assert torch.allclose(Q[4:8], F.normalize(model.encoder_k(views[2]), dim=1), atol=1e-5)
         again = leoclr.leoclr_loss(model.query(views[0]), Q[:4], Q[4:8], before, model.temperature)
     assert abs(again[0] - loss) < 1e-5 and abs(again[1] - logs["loss_x_x1"]) < 1e-5
     first = tiny_model(K=16, proj_dim=8, enqueue="first")
@@ -266,13 +267,10 @@ def test_ddp_queue_and_shuffle(tmp_path):
 
 
 def test_two_processes_equal_one_process_with_split_bn(tmp_path):
-    common_args = [*TINY, "--stem", "cifar", "--lr", "0.01", "--queue-size", "64", "--epochs", "1", "--max-steps", "2"]
-    two = run_cli("leoclr.py", *common_args, "--out", tmp_path / "two", nproc=2)
-    one = run_cli("leoclr.py", *common_args, "--bn-splits", "2", "--out", tmp_path / "one")
-    assert two.rc == 0 and one.rc == 0, two.err[-2000:] + one.err[-2000:]
-    a, b = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=False)["model"] for d in ("two", "one"))
-    assert int(a["queue.ptr"]) == int(b["queue.ptr"]) == 0  # 2 steps x 32 keys, K 64
-    assert params_close(a, b)
+    common_args = [*TINY, "--stem", "cifar", "--lr", "0.01", "--queue-size", "64", "--epochs", "1"]
+    prev, one, two = last_step_both_ways("leoclr.py", common_args, 2, tmp_path)
+    assert int(one["queue.ptr"]) == int(two["queue.ptr"]) == 0  # 2 steps x 32 keys, K 64
+    assert_same_update(prev, one, two)
 
 
 # ---------------------------------------------------------------- 13-14. resume and CLI

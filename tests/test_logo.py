@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, params_close, run_cli
+from conftest import TINY, assert_same_update, last_step_both_ways, run_cli
 import common
 import logo
 
@@ -303,13 +303,13 @@ def test_resume_is_exact(tmp_path):
     run_main([*common_flags, "--out", b, "--max-steps", 3])  # 3 straight steps
     ca, cb = (torch.load(d / "checkpoint.pth", weights_only=False) for d in (a, b))
     assert ca["step"] == cb["step"] == 3
-    assert ca["partial"]["loss"] == pytest.approx(cb["partial"]["loss"], abs=1e-6)
+    assert ca["partial"]["loss"] == cb["partial"]["loss"]   # same configuration, same machine: bit-exact
     for k in ca["model"]:  # backbone, projector, key encoder, queue, queue_ptr
-        assert torch.allclose(ca["model"][k].float(), cb["model"][k].float(), atol=1e-6), k
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
     for k, v in ca["extra"]["net"].items():  # T's weights and BN buffers
-        assert torch.allclose(v.float(), cb["extra"]["net"][k].float(), atol=1e-6), k
+        assert torch.equal(v, cb["extra"]["net"][k]), k
     for sa, sb in ((ca["optimizer"], cb["optimizer"]), (ca["extra"]["opt"], cb["extra"]["opt"])):
-        assert all(torch.allclose(sa["state"][i]["momentum_buffer"], sb["state"][i]["momentum_buffer"], atol=1e-6)
+        assert all(torch.equal(sa["state"][i]["momentum_buffer"], sb["state"][i]["momentum_buffer"])
                    for i in sa["state"])
     assert torch.equal(ca["rng"][0]["torch"], cb["rng"][0]["torch"])
 
@@ -365,13 +365,10 @@ def test_user_errors(capsys):
 
 def test_two_processes_match_one_with_split_bn(tmp_path):
     flags = [*TINY, "--subset", 16, "--batch-size", 8, "--framework", "mocov2", "--stem", "cifar", "--lr", 0.1,
-             "--moco-k", 64, "--max-steps", 1, "--epochs", 1]
-    r2 = run_cli("logo.py", *flags, "--out", tmp_path / "two", nproc=2)
-    assert r2.rc == 0, r2.err
-    r1 = run_cli("logo.py", *flags, "--bn-splits", 2, "--out", tmp_path / "one")
-    assert r1.rc == 0, r1.err
-    c1, c2 = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=False) for d in ("one", "two"))
-    assert params_close(c1["model"], c2["model"], atol=1e-6)
+             "--moco-k", 64, "--epochs", 1]
+    # The encoders only: T's own step differs by design (its BN sees each rank's rows, its negatives are deranged
+    # within each rank's batch), and reaches the encoders through lambda = 1e-4 only.
+    assert_same_update(*last_step_both_ways("logo.py", flags, 2, tmp_path))
 
 
 DDP_SCRIPT = """
