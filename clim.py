@@ -91,13 +91,17 @@ def view_names(baseline, mix, resolutions):
     return names + [f"x_s{s}" for s in resolutions]
 
 
-def clim_views(names, scale=(0.2, 1.0)):
-    """MoCo-v2 RandomResizedCrop (scale 0.2-1) + flip per view; neighbour views crop source 1 when j != i."""
-    def views(index, hw, rng):
+class CLIMViews:
+    """MoCo-v2 RandomResizedCrop (scale 0.2-1) + flip per view; neighbour views crop source 1 when j != i.
+    A class, so spawned workers can pickle it."""
+
+    def __init__(self, names, scale=(0.2, 1.0)):
+        self.names, self.scale = list(names), tuple(scale)
+
+    def __call__(self, index, hw, rng):
         nb = len(hw) - 1  # neighbour_sources returns [i] alone when i has no candidate: then j = i
-        srcs = [nb if n in ("x_n", "x_n2") else 0 for n in names]
-        return [common.Crop(*common.rrc_box(*hw[s], scale, rng=rng), rng.random() < 0.5, s) for s in srcs]
-    return views
+        srcs = [nb if n in ("x_n", "x_n2") else 0 for n in self.names]
+        return [common.Crop(*common.rrc_box(*hw[s], self.scale, rng=rng), rng.random() < 0.5, s) for s in srcs]
 
 
 def mix_params(size, alpha, index, rng):
@@ -395,9 +399,9 @@ def build(args, data):
                   f"; selection {args.select} (M {clusters}, k {args.knn}) at epoch {args.select_start} then every "
                   f"{args.select_every}; mix {args.mix} (alpha {args.mix_alpha})"))
     if args.baseline:
-        return common.Setup(model, clim_views(names), sizes, recipes, {})
+        return common.Setup(model, CLIMViews(names), sizes, recipes, {})
     sel = NeighbourSelection(args, data, model, size, clusters)
-    return common.Setup(model, clim_views(names), sizes, recipes,
+    return common.Setup(model, CLIMViews(names), sizes, recipes,
                         dict(sources_fn=sel.sources, extra_fn=None if args.mix == "none" else
                              functools.partial(mix_params, size, args.mix_alpha),
                              before_epoch=sel.before_epoch, extra_state=sel))

@@ -11,7 +11,7 @@ Run as a script it pretrains one of the four base frameworks (SimCLR, MoCo-v2, B
     python common.py --framework byol --dataset imagenet --data DIR --gpus 8
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 common.py --framework mocov2 --dataset imagenet --data DIR
 """
-import argparse, copy, functools, json, math, os, random, socket, sys, time, warnings
+import argparse, copy, datetime, functools, gc, json, math, os, random, socket, sys, time, traceback, warnings
 from collections import namedtuple
 
 import numpy as np
@@ -55,51 +55,137 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
+DIST_TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long for a silent rank (kNN passes included)
+
+
+def use_cuda(args):
+    """The training device: CUDA when present, unless --device cpu (or --gpus 0) asks for the CPU."""
+    return torch.cuda.is_available() and getattr(args, "device_type", "auto") != "cpu" and args.gpus > 0
+
+
 def launch(fn, args):
-    """Run fn(args) in every process: under torchrun the environment decides; --gpus N spawns N."""
+    """Run fn(args) in every process: under torchrun the environment decides; --gpus N spawns N local processes
+    (GPUs, or with --device cpu CPU processes over gloo: the same path, which is how the tests run it)."""
     try:
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+            missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+            if missing:
+                raise UserError(f"{', '.join(missing)} not set while {'RANK' if 'RANK' in os.environ else 'WORLD_SIZE'}"
+                                " is: launch with torchrun (which sets all four), or unset RANK/WORLD_SIZE")
             _worker(int(os.environ.get("LOCAL_RANK", 0)), fn, args, None)
         elif args.gpus > 1:
             have = torch.cuda.device_count()
-            if have < args.gpus:
+            if getattr(args, "device_type", "auto") != "cpu" and have < args.gpus:
                 raise UserError(f"--gpus {args.gpus} asks for {args.gpus} GPUs but this machine has {have}; "
-                                f"pass --gpus {max(have, 1)} (CPU runs use --gpus 1; CPU multi-process runs use torchrun)")
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+                                f"pass --gpus {max(have, 1)}, or add --device cpu for {args.gpus} CPU processes")
             try:
-                torch.multiprocessing.spawn(_worker, args=(fn, args, port), nprocs=args.gpus)
-            except torch.multiprocessing.ProcessExitedException as e:
-                sys.exit(e.exit_code or 1)
+                torch.multiprocessing.spawn(_worker, args=(fn, args, free_port()), nprocs=args.gpus)
+            except torch.multiprocessing.ProcessExitedException as e:  # the rank has already said why
+                if e.exit_code is not None and e.exit_code < 0:
+                    print(f"error: the process of rank {e.error_index} was killed by signal {-e.exit_code}",
+                          file=sys.stderr, flush=True)
+                sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)
         else:
             _worker(0, fn, args, None)
     except UserError as e:
         fail(e)
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _worker(local_rank, fn, args, port):
     if port is not None:  # spawned by --gpus N
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                          WORLD_SIZE=str(args.gpus), LOCAL_RANK=str(local_rank))
+                          WORLD_SIZE=str(args.gpus), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(args.gpus))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = torch.cuda.is_available() and args.gpus > 0
-    if use_cuda:
+    cuda = use_cuda(args)
+    if cuda:
         torch.cuda.set_device(local_rank)
-    args.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        torch.backends.cudnn.benchmark = True  # every view has a fixed size: autotune the convolutions once
+    args.device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    code = None
     try:
+        if world > 1:
+            _init_process_group(cuda, local_rank)
         fn(args)
-    except UserError as e:
-        if port is None and world == 1:
+    except BaseException as e:
+        code = _report(e, world)
+        if code is None:
             raise
-        if get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
     finally:
         if is_dist():
             dist.destroy_process_group()
+    if code is not None:  # outside the except block: the traceback's frames, and their DataLoader workers, are freed
+        gc.collect()
+        sys.exit(code)
+
+
+def _init_process_group(cuda, local_rank):
+    try:
+        dist.init_process_group(**process_group_options(cuda, local_rank))
+    except (RuntimeError, dist.DistError) as e:
+        if "address already in use" in str(e).lower() or "EADDRINUSE" in str(e):
+            raise UserError(f"port {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in use; "
+                            "pass another --master_port to torchrun (or MASTER_PORT)")
+        raise
+
+
+def process_group_options(cuda, local_rank):
+    """nccl bound to this process's GPU on CUDA, gloo on the CPU; both with a timeout instead of a silent hang."""
+    if cuda:
+        return dict(backend="nccl", device_id=torch.device("cuda", local_rank), timeout=DIST_TIMEOUT)
+    return dict(backend="gloo", timeout=DIST_TIMEOUT)
+
+
+def _report(e, world):
+    """Every rank speaks: one line on stderr for what a user can act on; None for a bug (its traceback is shown).
+    Returns the exit status. With several processes the first rank to fail reports, so an error that every rank
+    meets (bad flags, NaN) is said once; its exit ends the others (spawn and torchrun both stop the rest)."""
+    if isinstance(e, SystemExit):
+        return e.code if isinstance(e.code, int) else 1
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    if isinstance(e, UserError):
+        message = _worker_message(str(e))
+    elif isinstance(e, torch.OutOfMemoryError):
+        message = (f"out of memory on {'rank ' + str(get_rank()) if world > 1 else 'the device'}; lower --batch-size "
+                   "(it is global: per-process batch = batch / processes) or use --precision bf16")
+    else:
+        if world == 1:
+            return None
+        message = f"rank {get_rank()} failed with {type(e).__name__}: {_worker_message(str(e))}"
+    if world > 1 and not _first_to_fail():
+        return 2  # another rank failed first (this one then lost its peers): that rank has said why
+    if not isinstance(e, (UserError, torch.OutOfMemoryError)):
+        traceback.print_exc()
+    if world > 1 and get_rank() != 0 and not message.startswith("rank "):
+        message = f"rank {get_rank()}: {message}"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _first_to_fail():
+    """An atomic count in the process group's key-value store: True for the first rank that fails. When the store is
+    gone (its host, rank 0 or torchrun's agent, has exited after reporting), the others stay silent."""
+    if not is_dist():
+        return True  # failed before the group existed (e.g. its port): nobody else can have reported
+    try:
+        return dist.distributed_c10d._get_default_store().add("ranks_failed", 1) == 1
+    except Exception:
+        return False
+
+
+def _worker_message(text):
+    """A DataLoader worker's error arrives wrapped in its traceback: keep the original message only."""
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]   # "common.UserError: cannot read ..."
+    name, sep, rest = last.partition(": ")
+    return rest if sep and " " not in name else last
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -185,6 +271,18 @@ def _open_rgb(path):
             return im.convert("RGB")
     except Exception as e:
         raise UserError(f"cannot read image {path} ({type(e).__name__}); remove or replace that file")
+
+
+def _read_rgb(path):
+    """uint8 3 x H x W, channels-last in memory. JPEGs by torchvision's libjpeg-turbo decoder: the same pixels as PIL's,
+    as a tensor for cut_view's crops (~4x faster than PIL's resize); other files, and JPEGs it rejects, by PIL."""
+    try:
+        data = torchvision.io.read_file(path)
+        if data[:2].tolist() == [0xFF, 0xD8]:  # the JPEG signature, not the name: ImageNet has PNGs named .JPEG
+            return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB)  # gray and CMYK too
+    except RuntimeError:
+        pass  # unreadable or broken: PIL tries the file too, and names it if it fails as well
+    return torch.from_numpy(np.array(_open_rgb(path))).permute(2, 0, 1)
 
 
 def synthetic_images(n, size=32, offset=0, classes=10):
@@ -367,15 +465,24 @@ def rrc_box(H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng=random):
     return (H - h) // 2, (W - w) // 2, h, w
 
 
+# Columns of the photometric parameters (B x Recipe.NPARAM) that Recipe.draw fills and photometric reads.
+P_ON, P_BRIGHT, P_CONTRAST, P_SAT, P_HUE, P_ORDER, P_GRAY, P_SIGMA, P_SOLARIZE = 0, 1, 2, 3, 4, slice(5, 9), 9, 10, 11
+P_FACTORS = slice(P_BRIGHT, P_HUE + 1)
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # jitter op ids (torchvision's fn_idx); op k's factor is P_FACTORS[k]
+
+
 class Recipe:
     """Photometric recipe of one view: colour jitter (random order) p_jitter, grayscale, blur, solarize.
-    draw() returns the 12 per-sample parameters that travel with the batch to the device."""
+    draw() returns the NPARAM per-sample parameters that travel with the batch to the device."""
     NPARAM = 12
 
     def __init__(self, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.0, p_solarize=0.0):
         self.jitter, self.p_jitter, self.p_gray, self.p_blur, self.p_solarize = jitter, p_jitter, p_gray, p_blur, p_solarize
 
     def draw(self, rng):
+        """One sample's parameters by column: P_ON (jitter applies), P_BRIGHT, P_CONTRAST, P_SAT, P_HUE (the factors),
+        P_ORDER (the op ids BRIGHTNESS..HUE in the order they apply), P_GRAY, P_SIGMA (blur sigma, 0: no blur),
+        P_SOLARIZE. The draws' order is fixed: changing it changes every seeded run."""
         b, c, s, h = self.jitter
         on = rng.random() < self.p_jitter
         factors = [rng.uniform(max(0, 1 - b), 1 + b), rng.uniform(max(0, 1 - c), 1 + c),
@@ -411,17 +518,30 @@ def byol_recipes(blur=True):
 Crop = namedtuple("Crop", "top left height width flip src", defaults=(False, 0))
 
 
+class RandomResizedCrops:
+    """views_fn of n independent RandomResizedCrop boxes (scale, ratio 3/4-4/3) with flip p=0.5. Views functions
+    are module-level classes, never closures: under --gpus N the DataLoader workers are spawned and pickle them."""
+
+    def __init__(self, n, scale):
+        self.n, self.scale = n, tuple(scale)
+
+    def __call__(self, index, hw, rng):
+        (H, W), = hw
+        return [Crop(*rrc_box(H, W, self.scale, rng=rng), rng.random() < 0.5) for _ in range(self.n)]
+
+
 class ViewDataset(torch.utils.data.Dataset):
     """dataset[i] -> dict(index, label, src, boxes, flips, photo[, view0, view1, ...]).
 
     views_fn(index, sizes_hw, rng) -> [Crop per view]; sources_fn(index, rng) -> source indices the crops
     refer to by position (default: [index]). For in-memory data only the boxes travel (cropped on the device);
-    otherwise each view is cropped and resized here with PIL. `epoch` is a shared tensor so persistent
-    workers see it change."""
+    otherwise each source image is decoded once (torchvision for JPEGs, else PIL) and each view cropped and resized
+    here as a tensor; pil=True keeps the former all-PIL path, the reference that tests and tests/benchmark.py
+    compare with. `epoch` is a shared tensor so persistent workers see it change."""
 
-    def __init__(self, source, views_fn, sizes, recipes, seed, sources_fn=None, extra_fn=None):
+    def __init__(self, source, views_fn, sizes, recipes, seed, sources_fn=None, extra_fn=None, pil=False):
         self.source, self.views_fn, self.sizes, self.recipes, self.seed = source, views_fn, sizes, recipes, seed
-        self.sources_fn, self.extra_fn = sources_fn, extra_fn
+        self.sources_fn, self.extra_fn, self.pil = sources_fn, extra_fn, pil
         self.epoch = torch.zeros(1, dtype=torch.long).share_memory_()
 
     def __len__(self):
@@ -430,8 +550,14 @@ class ViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         rng = sample_rng(self.seed, int(self.epoch), i)
         srcs = self.sources_fn(i, rng) if self.sources_fn else [i]
-        imgs = None if self.source.in_memory else [self.source.pil(j) for j in srcs]
-        hw = [tuple(self.source.images.shape[-2:])] * len(srcs) if imgs is None else [(im.height, im.width) for im in imgs]
+        if self.source.in_memory:
+            imgs, hw = None, [tuple(self.source.images.shape[-2:])] * len(srcs)
+        elif self.pil:
+            imgs = [self.source.pil(j) for j in srcs]
+            hw = [(im.height, im.width) for im in imgs]
+        else:
+            imgs = [_read_rgb(self.source.files[j]) for j in srcs]
+            hw = [tuple(im.shape[-2:]) for im in imgs]
         crops = self.views_fn(i, hw, rng)
         item = {"index": i, "label": self.source.labels[i],
                 "src": torch.tensor([srcs[c.src] for c in crops]),
@@ -442,11 +568,22 @@ class ViewDataset(torch.utils.data.Dataset):
             item.update(self.extra_fn(i, rng))
         if imgs is not None:
             for k, (c, s) in enumerate(zip(crops, self.sizes)):
-                v = imgs[c.src].resize((s, s), Image.BILINEAR, box=(c.left, c.top, c.left + c.width, c.top + c.height))
-                if c.flip:
-                    v = v.transpose(Image.FLIP_LEFT_RIGHT)
-                item[f"view{k}"] = torch.from_numpy(np.asarray(v).copy()).permute(2, 0, 1)
+                item[f"view{k}"] = cut_view(imgs[c.src], c, s)
         return item
+
+
+def cut_view(image, c, size):
+    """One view: the box of Crop c resized to size x size (antialiased bilinear), flipped if c.flip -> uint8 3 x S x S.
+    image: a PIL image (box resampled as PIL does, its filter reaching past the box edges) or a channels-last uint8
+    tensor (the box cut first, as torchvision's RandomResizedCrop on tensors; interior pixels equal PIL's)."""
+    if isinstance(image, Image.Image):
+        v = image.resize((size, size), Image.BILINEAR, box=(c.left, c.top, c.left + c.width, c.top + c.height))
+        v = v.transpose(Image.FLIP_LEFT_RIGHT) if c.flip else v
+        return torch.from_numpy(np.asarray(v).copy()).permute(2, 0, 1)
+    # a dense channels-last copy of the box takes torch's vectorised uint8 resampler; the strided box: up to 2x slower
+    box = image[None, :, c.top:c.top + c.height, c.left:c.left + c.width].contiguous(memory_format=torch.channels_last)
+    v = F.interpolate(box, size=(size, size), mode="bilinear", antialias=True)[0]
+    return v.flip(-1) if c.flip else v
 
 
 def crop_resize(images, boxes, size):
@@ -461,38 +598,23 @@ def _gray(x):
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
-def _blend(a, b, ratio):
-    return (ratio * a + (1.0 - ratio) * b).clamp(0, 1)
-
-
-def _rgb_to_hsv(x):
+def _hue6(x, maxc, span):
+    """Hue x 6 in [-1, 5) as torchvision's _rgb2hsv (before its mod 1), with the same tie rules; span = max - min."""
     r, g, b = x.unbind(1)
-    maxc, minc = x.max(1).values, x.min(1).values
-    same = maxc == minc
-    cr = maxc - minc
-    s = cr / torch.where(same, torch.ones_like(maxc), maxc)
-    crd = torch.where(same, torch.ones_like(cr), cr)
-    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
-    h = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-         + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
-    return torch.stack([torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc], 1)
-
-
-def _hsv_to_rgb(x):
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p, q, t = (v * (1 - s)).clamp(0, 1), (v * (1 - s * f)).clamp(0, 1), (v * (1 - s * (1 - f))).clamp(0, 1)
-    sel = (i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, -1, 1, 1)).to(x.dtype)  # B x 6 x H x W
-    table = [torch.stack(c, 1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))]
-    return torch.stack([(sel * c).sum(1) for c in table], 1)
+    rc, gc, bc = ((maxc - x) / torch.where(span == 0, 1.0, span)).unbind(1)
+    return torch.where(maxc[:, 0] == r, bc - gc, torch.where(maxc[:, 0] == g, 2.0 + rc - bc, 4.0 + gc - rc))
 
 
 def adjust_hue(x, hue):
-    hsv = _rgb_to_hsv(x)
-    hsv = torch.stack([torch.remainder(hsv[:, 0] + hue.view(-1, 1, 1), 1.0), hsv[:, 1], hsv[:, 2]], 1)
-    return _hsv_to_rgb(hsv)
+    """torchvision's RGB -> HSV -> hue + shift -> RGB in closed form: each channel is max - (max - min) * w(k) with
+    k = (n + 6 (hue + shift)) mod 6, n = 5, 3, 1 for R, G, B, w = clamp(min(k, 4 - k), 0, 1): _hsv2rgb's sector table.
+    hue: B shifts in [-0.5, 0.5]."""
+    maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    span = maxc - minc
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # built on the device: no host copy
+    h = torch.remainder(_hue6(x, maxc, span).unsqueeze(1) + 6.0 * hue.view(-1, 1, 1, 1), 6.0)  # shifted hue x 6
+    k = torch.remainder(n + h, 6.0)  # wrapping h first keeps sums small: 8e-7 from float64 (torchvision: 1e-6)
+    return maxc - span * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
 def gaussian_blur(x, sigma):
@@ -501,35 +623,68 @@ def gaussian_blur(x, sigma):
     k = max(3, int(0.1 * min(H, W)) // 2 * 2 + 1)
     r = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, device=x.device)
     ker = torch.exp(-0.5 * (r.view(1, -1) / sigma.clamp(min=1e-3).view(-1, 1)) ** 2)
-    ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C) x k
+    ker = (ker / ker.sum(1, keepdim=True)).unsqueeze(1).expand(B, C, k).reshape(B * C, k)  # one kernel per channel
     y = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
     y = F.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C)
     y = F.conv2d(y, ker.view(B * C, 1, 1, k), groups=B * C)
     return y.view(B, C, H, W)
 
 
+# On CUDA photometric runs compiled: its element-wise ops fuse into a few kernels. CPU runs stay eager (no compile
+# time in tests); False runs the eager path on CUDA too.
+COMPILE_PHOTOMETRIC = True
+
+
 def photometric(x, p):
-    """x float B x 3 x H x W in [0, 1]; p B x 12 from Recipe.draw. Independent parameters per sample;
-    torchvision's ColorJitter -> RandomGrayscale -> GaussianBlur -> RandomSolarize, same formulas."""
+    """x float B x 3 x H x W in [0, 1]; p B x NPARAM from Recipe.draw (the P_* columns). Independent parameters per
+    sample; torchvision's ColorJitter -> RandomGrayscale -> GaussianBlur -> RandomSolarize, same formulas."""
     p = p.to(x.device, non_blocking=True)
-    bc = lambda v: v.view(-1, 1, 1, 1)
-    on = p[:, 0] > 0
-    for pos in range(4):  # colour jitter in the per-sample random order
-        op = p[:, 5 + pos]
-        one = torch.ones_like(op)
-        x = _blend(x, torch.zeros_like(x), bc(torch.where(on & (op == 0), p[:, 1], one)))
-        x = _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), bc(torch.where(on & (op == 1), p[:, 2], one)))
-        x = _blend(x, _gray(x), bc(torch.where(on & (op == 2), p[:, 3], one)))
-        x = torch.where(bc(on & (op == 3)), adjust_hue(x, p[:, 4]), x)
-    x = torch.where(bc(p[:, 9] > 0), _gray(x).expand_as(x), x)
-    x = torch.where(bc(p[:, 10] > 0), gaussian_blur(x, p[:, 10]), x)
-    return torch.where(bc(p[:, 11] > 0) & (x >= 0.5), 1.0 - x, x)
+    if x.is_cuda and COMPILE_PHOTOMETRIC:
+        return _compiled_photometric()(x, p)
+    return _photometric(x, p)
+
+
+@functools.cache
+def _compiled_photometric():
+    return torch.compile(_photometric, dynamic=False)  # one graph per view shape: a method has at most a few
+
+
+def _jitter_slots(p):
+    """ColorJitter's per-sample order laid out on 7 slots with hue always in slot 3, so hue runs once per batch:
+    slots 0-2 hold the ops drawn before hue (right-aligned), 4-6 those after it; an empty slot is the identity.
+    Each other slot is one blend x' = clamp(a x + c_gray gray(x) + c_mean mean(gray(x))), torchvision's _blend with
+    ratio a and target 0 (brightness), the gray mean (contrast) or the gray image (saturation); identity: a = 1.
+    Returns 7 per-slot (a, c_gray, c_mean), each B x 1 x 1 x 1."""
+    order = p[:, P_ORDER].long()
+    pos = (order == HUE).long().argmax(1, keepdim=True) + torch.arange(-3, 4, device=p.device)  # B x 7 positions
+    op = torch.where((pos >= 0) & (pos < 4) & (p[:, P_ON:P_ON + 1] > 0), order.gather(1, pos.clamp(0, 3)), HUE)
+    a = torch.where(op == HUE, 1.0, p[:, P_FACTORS].gather(1, op))
+    coef = torch.stack([a, (1.0 - a) * (op == SATURATION), (1.0 - a) * (op == CONTRAST)])  # 3 x B x 7
+    return coef.permute(2, 0, 1)[..., None, None, None].unbind(0)
+
+
+def _photometric(x, p):
+    col = lambda v: v.view(-1, 1, 1, 1)
+    for slot, (a, c_gray, c_mean) in enumerate(_jitter_slots(p)):
+        if slot == 3:  # ColorJitter skips hue when its factor is None (hue=0); the round trip is not bit-exact
+            x = torch.where(col((p[:, P_ON] > 0) & (p[:, P_HUE] != 0)), adjust_hue(x, p[:, P_HUE]), x)
+        else:
+            gray = _gray(x)
+            x = (a * x + c_gray * gray + c_mean * gray.mean((1, 2, 3), keepdim=True)).clamp(0.0, 1.0)
+    x = torch.where(col(p[:, P_GRAY] > 0), _gray(x).expand_as(x), x)
+    x = torch.where(col(p[:, P_SIGMA] > 0), gaussian_blur(x, p[:, P_SIGMA]), x)
+    return torch.where(col(p[:, P_SOLARIZE] > 0) & (x >= 0.5), 1.0 - x, x)
+
+
+@functools.cache
+def _channel_constant(values, device):
+    """1 x 3 x 1 x 1 tensor of per-channel values, made once per device: a host-to-device copy per step would sync."""
+    return torch.tensor(values, device=device).view(1, 3, 1, 1)
 
 
 def device_views(batch, images, mean, std, sizes, device, channels_last=False):
     """uint8 crops (or in-memory images + boxes) -> normalised float views on the training device."""
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    mean, std = _channel_constant(tuple(mean), device), _channel_constant(tuple(std), device)
     out = []
     for k, s in enumerate(sizes):
         if images is not None:
@@ -783,7 +938,7 @@ def shuffled_forward(encoder, x):
     split-BN this is the official demo's stand-in). Warning: no gradient."""
     W, r, B = get_world(), get_rank(), x.shape[0]
     xs = gather_no_grad(x)
-    perm = torch.randperm(len(xs)).to(x.device)
+    perm = torch.randperm(len(xs), device=x.device)  # drawn where it is used: no host-to-device copy per step
     if W > 1:
         dist.broadcast(perm, 0)
     y = gather_no_grad(encoder(xs[perm][r * B:(r + 1) * B]))
@@ -1009,15 +1164,18 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
                                          persistent_workers=args.workers > 0, generator=torch.Generator())
     step, history, partial = 0, [], {}
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    if os.path.exists(ckpt_path):
+    if broadcast_object(os.path.exists(ckpt_path)):  # rank 0 decides, so ranks cannot disagree on what they see
         ck = load_checkpoint(ckpt_path, args, method, spe)
         unwrapped.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+        if scaler.is_enabled() and ck["scaler"]:
+            scaler.load_state_dict(ck["scaler"])
+        elif scaler.is_enabled() or ck["scaler"]:
+            print0(f"note: {ckpt_path} was saved at another --precision; the fp16 loss scale starts afresh")
         if extra_state is not None:
             extra_state.load_state_dict(ck["extra"])
         step, history, partial = ck["step"], ck["history"], ck.get("partial", {})
-        set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"], args.seed)
         print0(f"resumed from {ckpt_path} at epoch {step // spe} step {step}")
     if is_main():
         with open(os.path.join(args.out, "args.json"), "w") as f:
@@ -1035,7 +1193,7 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
            f"(= {args.lr} x {args.batch_size}/256), {args.optimizer}, precision {str(dtype)[6:]}, device {device}")
     knn_top1 = history[-1].get("knn_top1") if history else None
     start_step = step
-    train_time, t_log, steps_log, stop = 0.0, time.time(), 0, False
+    train_time, t_log, steps_log, stop, data_wait = 0.0, time.time(), 0, False, [0.0]
     for epoch in range(step // spe, args.epochs):
         skip = step - epoch * spe
         if skip == 0 and before_epoch is not None:
@@ -1046,7 +1204,8 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
         partial = {}
         bad = torch.zeros((), dtype=torch.bool, device=device)
         t_epoch = time.time()
-        for batch in loader:
+        for batch in timed(loader, data_wait):
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}  # once
             factor = lr_factor(step, spe, args.epochs, args.warmup_epochs, lr_floor, lr_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * (1.0 if g.get("fix_lr") else factor)
@@ -1075,7 +1234,8 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
                 avg = {k: v.item() / n_done for k, v in mean_over_ranks(sums).items()}
                 eta = (total - step) * args.batch_size / max(ips, 1e-9)
                 print0(f"ep {epoch + 1}/{args.epochs} step {step}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
-                       + f" lr {opt.param_groups[0]['lr']:.4g} img/s {ips:.1f} eta {fmt_time(eta)}")
+                       + f" lr {opt.param_groups[0]['lr']:.4g} img/s {ips:.1f} data wait "
+                       f"{100 * data_wait[0] / max(train_time, 1e-9):.0f}% eta {fmt_time(eta)}")
                 t_log, steps_log = time.time(), 0
             if args.max_steps and step >= args.max_steps:
                 stop = True
@@ -1107,7 +1267,7 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
     if stop and args.knn_every and data.knn_val is not None and step < total:
         knn_top1 = knn_eval(unwrapped.backbone, data, args, eval_size or sizes[0])[0]
     summary = {"method": method, "dataset": args.dataset, "epochs": args.epochs, "steps": step,
-               "train_time_s": round(train_time, 2),
+               "train_time_s": round(train_time, 2), "data_wait_s": round(data_wait[0], 2),
                "images_per_s": round((step - start_step) * args.batch_size / max(train_time, 1e-9), 1),
                "knn_top1": knn_top1, "out": args.out}
     if is_main():
@@ -1115,6 +1275,28 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
                         epoch=step / spe)
         plot_curves(history, os.path.join(args.out, "curves.png"))
     return summary, unwrapped
+
+
+def timed(iterable, wait):
+    """Yield from iterable, adding the seconds spent waiting for each item to wait[0] (the data-loader wait)."""
+    it = iter(iterable)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        wait[0] += time.perf_counter() - t
+        yield item
+
+
+def broadcast_object(obj):
+    """Rank 0's value of obj, on every rank."""
+    if get_world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 def mean_over_ranks(sums):
@@ -1149,8 +1331,8 @@ class EvalDataset(torch.utils.data.Dataset):
 
     def __init__(self, source, size, indices):
         self.source, self.size, self.indices = source, size, indices
-        self.tf = torchvision.transforms.Compose([torchvision.transforms.Resize(round(size / 0.875)),
-                                                  torchvision.transforms.CenterCrop(size), torchvision.transforms.PILToTensor()])
+        tv = torchvision.transforms
+        self.tf = tv.Compose([tv.Resize(round(size / 0.875)), tv.CenterCrop(size), tv.PILToTensor()])
 
     def __len__(self):
         return len(self.indices)
@@ -1159,61 +1341,116 @@ class EvalDataset(torch.utils.data.Dataset):
         return self.tf(self.source.pil(self.indices[i]))
 
 
+def eval_autocast(device):
+    """bf16 autocast on CUDA where supported, else none: a frozen forward needs no GradScaler, and fp16 may overflow."""
+    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32)
+
+
+def shard_rows(n, rank=None):
+    """Rank `rank`'s contiguous share of n rows (sizes differ by at most one, so no rank is empty when n >= world)."""
+    r, W = get_rank() if rank is None else rank, get_world()
+    return slice(r * n // W, (r + 1) * n // W)
+
+
 @torch.no_grad()
-def extract_features(backbone, source, size, mean, std, device, batch_size=256, workers=0):
-    """Pooled backbone features of every image of `source` (eval mode), computed by rank shards and gathered
-    in index order."""
+def extract_features(backbone, source, size, mean, std, device, batch_size=256, workers=0, shard=False,
+                     dtype=torch.float32):
+    """Pooled backbone features (eval mode, bf16 autocast on CUDA) of `source`, stored as `dtype` on `device`.
+
+    Each rank embeds its rows shard_rows(n). shard=True returns that shard alone (its labels are
+    source.labels[shard_rows(n)]); else every rank gets all n rows in index order, which for ImageNet's train set
+    and ResNet-50 is 10.5 GB in fp32: fine for small sets and for clustering, not for the kNN monitor. fp16 storage
+    (|x| < 65504, 11-bit mantissa) halves that and is ample for pooled ResNet features."""
     was = backbone.training
     backbone.eval()
-    n, W, r = len(source), get_world(), get_rank()
+    n, W, rows = len(source), get_world(), shard_rows(len(source))
     per = math.ceil(n / W)
-    idx = [min(i, n - 1) for i in range(r * per, (r + 1) * per)]  # padded shard: every rank has `per` rows
+    idx = [*range(rows.start, rows.stop)] + [n - 1] * (per - (rows.stop - rows.start))  # equal sizes for all_gather
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    cuda = device.type == "cuda"
     if source.in_memory:
         batches = (source.images[idx[i:i + batch_size]] for i in range(0, len(idx), batch_size))
     else:
-        batches = torch.utils.data.DataLoader(EvalDataset(source, size, idx), batch_size=batch_size, num_workers=workers)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    feats = []
+        batches = torch.utils.data.DataLoader(EvalDataset(source, size, idx), batch_size=batch_size,
+                                              num_workers=workers, pin_memory=cuda)
+    out, i = None, 0
     for x in batches:
         x = x.to(device, non_blocking=True).float() / 255.0
         if x.shape[-1] != size and source.in_memory:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            feats.append(backbone((x - mean_t) / std_t).float())
+        x = (x - mean_t) / std_t
+        with eval_autocast(device):
+            f = backbone(x.contiguous(memory_format=torch.channels_last) if cuda else x)
+        if out is None:  # written batch by batch: no list of batches and no concatenated copy
+            out = torch.empty(per, f.shape[1], dtype=dtype, device=device)
+        out[i:i + len(f)] = f
+        i += len(f)
     backbone.train(was)
-    f = gather_no_grad(torch.cat(feats))
-    return f.view(W, per, -1).reshape(W * per, -1)[:n] if W > 1 else f[:n]
+    if shard:
+        return out[:rows.stop - rows.start]
+    if W == 1:
+        return out
+    parts = [torch.empty_like(out) for _ in range(W)]
+    dist.all_gather(parts, out)
+    return torch.cat([p[:s.stop - s.start] for p, s in zip(parts, (shard_rows(n, r) for r in range(W)))])
 
 
 @torch.no_grad()
-def knn_classify(train_f, train_y, test_f, num_classes, k=20, T=0.07, chunk=512):
-    """Weighted kNN (Wu et al. 2018): cosine similarity, top-k neighbours vote with exp(sim / T). Returns predictions ranked."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    train_y = train_y.to(train_f.device)
-    k = min(k, len(train_f))
-    out = []
-    for i in range(0, len(test_f), chunk):
-        sim, nn_idx = (test_f[i:i + chunk] @ train_f.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_y[nn_idx], (sim / T).exp())
-        out.append(votes.argsort(1, descending=True)[:, :5])
-    return torch.cat(out)
+def knn_classify(bank_f, bank_y, query_f, num_classes, k=20, T=0.07, query_chunk=1024, bank_chunk=8192):
+    """Weighted kNN (Wu et al. 2018): cosine similarity, the top-k neighbours vote with exp(sim / T).
+    -> Q x 5 classes, best first, the same on every rank.
+
+    The memory bank is sharded: bank_f (N_r x D, any float dtype; fp16 in knn_eval) and bank_y are this rank's rows
+    (all rows in one process); query_f (Q x D) is the same on every rank. Each rank keeps the top-k of its shard;
+    the k x world candidates are all-gathered and their top-k votes, so the answer is the one of a single process
+    holding the whole bank. Chunks are normalised and multiplied in fp32 (fp16 matmul is slow or missing on CPU),
+    so a similarity block is query_chunk x bank_chunk. Missing neighbours (k > N) are -inf: weight exp(-inf) = 0.
+
+    Peak memory per rank of the monitor on ImageNet (ResNet-50, D 2048, 8 ranks, chunks 1024 x 8192, k 20), in MB:
+    bank shard 160,146 x 2048 fp16 656; queries 50,000 x 2048 fp16 205 (435 while gathered); in the loop a bank chunk
+    in fp32 and its normalised copy 134, a query chunk 17, similarities 34, the running top-k 12; the merge 132 more.
+    Peak 1,091 (bank + query gather) plus one batch of backbone activations while embedding; the gathered fp32 bank
+    alone was 10,495. Compute: 50,000 x 160,146 x 2048 x 2 = 33 TFLOP per rank."""
+    dev, Q = query_f.device, len(query_f)
+    bank_y = bank_y.to(dev)
+    top_s = torch.full((Q, k), -math.inf, device=dev)          # Q x k: best similarities so far
+    top_y = torch.zeros(Q, k, dtype=torch.long, device=dev)    # Q x k: their labels (0 under -inf: weight 0)
+    for j in range(0, len(bank_f), bank_chunk):
+        b = F.normalize(bank_f[j:j + bank_chunk].float(), dim=1)                                 # Bb x D
+        for q in (slice(i, i + query_chunk) for i in range(0, Q, query_chunk)):
+            sim = F.normalize(query_f[q].float(), dim=1) @ b.T                                       # Bq x Bb
+            s, nn_idx = sim.topk(min(k, len(b)), dim=1)
+            s, y = torch.cat([top_s[q], s], 1), torch.cat([top_y[q], bank_y[j + nn_idx]], 1)        # Bq x (k + k)
+            top_s[q], pick = s.topk(k, dim=1)
+            top_y[q] = y.gather(1, pick)
+    if get_world() > 1:  # the top-k of every rank's top-k: Q x (world k) candidates
+        s, y = (gather_no_grad(t).view(get_world(), Q, k).transpose(0, 1).reshape(Q, -1) for t in (top_s, top_y))
+        top_s, pick = s.topk(k, dim=1)
+        top_y = y.gather(1, pick)
+    ranked = []
+    for q in (slice(i, i + query_chunk) for i in range(0, Q, query_chunk)):
+        votes = torch.zeros(len(top_s[q]), num_classes, device=dev)                                # Bq x C
+        votes.scatter_add_(1, top_y[q], (top_s[q] / T).exp())
+        ranked.append(votes.argsort(dim=1, descending=True, stable=True)[:, :5])  # stable: ties by class index
+    return torch.cat(ranked)
 
 
 def topk_accuracy(ranked, y):
-    y = y.to(ranked.device).view(-1, 1)
-    return 100.0 * (ranked[:, :1] == y).any(1).float().mean().item(), 100.0 * (ranked[:, :5] == y).any(1).float().mean().item()
+    """Top-1 and top-5 accuracy (%) of ranked predictions (Q x 5) against labels y (Q)."""
+    hit = ranked[:, :5] == y.to(ranked.device).view(-1, 1)                                         # Q x 5
+    return 100.0 * hit[:, 0].float().mean().item(), 100.0 * hit.any(1).float().mean().item()
 
 
 def knn_eval(backbone, data, args, size, k=20, T=0.07):
-    """kNN top-1/top-5 of the backbone: memory = data.knn_train, queries = data.knn_val."""
-    dev = args.device
-    tr = extract_features(backbone, data.knn_train, size, data.mean, data.std, dev, workers=args.workers)
-    te = extract_features(backbone, data.knn_val, size, data.mean, data.std, dev, workers=args.workers)
-    C = int(max(data.knn_train.labels.max(), data.knn_val.labels.max())) + 1
-    return topk_accuracy(knn_classify(tr, data.knn_train.labels, te, C, k, T), data.knn_val.labels)
+    """kNN top-1/top-5 of the backbone: memory = data.knn_train (a fp16 shard per rank), queries = data.knn_val."""
+    dev, tr, te = args.device, data.knn_train, data.knn_val
+    bank = extract_features(backbone, tr, size, data.mean, data.std, dev, workers=args.workers, shard=True,
+                            dtype=torch.float16)
+    queries = extract_features(backbone, te, size, data.mean, data.std, dev, workers=args.workers, dtype=torch.float16)
+    C = int(max(tr.labels.max(), te.labels.max())) + 1
+    return topk_accuracy(knn_classify(bank, tr.labels[shard_rows(len(tr))], queries, C, k, T), te.labels)
 
 
 # ================================================================ 7. checkpoints and export
@@ -1226,17 +1463,30 @@ def save_atomic(obj, path):
 
 
 def rng_state():
+    """This process's generators; CUDA's is the current device's only, so it fits any number of GPUs."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if cuda else None}
 
 
-def set_rng_state(states):
-    s = states[get_rank()] if len(states) == get_world() else states[0]
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def set_rng_state(states, seed):
+    """Restore every rank's generators. A rank the checkpoint has no state for (more processes than when it was
+    saved) is re-seeded from (seed, rank, step count) instead, and says so; views never depend on these generators."""
+    rank = get_rank()
+    if rank < len(states):
+        s = states[rank]
+        torch.set_rng_state(s["torch"])
+        np.random.set_state(s["numpy"])
+        random.setstate(s["python"])
+    else:
+        s = {"cuda": None}
+        seed_everything(seed * 1000 + rank + len(states))
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda and isinstance(s["cuda"], torch.Tensor):
+        torch.cuda.set_rng_state(s["cuda"])
+    elif cuda or rank >= len(states):
+        print(f"note: rank {rank} had no saved {'CUDA ' if cuda else ''}random state in the checkpoint "
+              f"({len(states)} process(es) saved it); its generators were re-seeded", flush=True)
 
 
 def _strip(sd):
@@ -1416,6 +1666,9 @@ def base_parser(description):
     a("--bn-splits", type=int, default=None,
       help="one process only: BatchNorm over this many chunks of the batch, simulating that many GPUs (MoCo: 8)")
     a("--gpus", type=int, default=1, help="GPUs on this node (spawns one process each); 0 forces the CPU; ignored under torchrun")
+    a("--device", dest="device_type", default="auto", choices=["auto", "cpu"],
+      help="auto: CUDA when present; cpu: stay on the CPU, and with --gpus N spawn N CPU processes over gloo "
+           "(the GPU launch path, on the CPU)")
     a("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU")
     a("--compile", action="store_true", help="torch.compile the model (CUDA; slower start, faster steps)")
     a("--workers", type=int, default=None, help="data-loader workers per process (default: 0 for in-memory data, 8 otherwise)")
@@ -1447,13 +1700,22 @@ def parse(p, defaults, method, argv=None):
     return args
 
 
+def default_workers(in_memory, args):
+    """Data-loader workers per process: none for in-memory data (cropped on the device), else the cores this process
+    may use divided by the processes of this node."""
+    if in_memory:
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, getattr(args, "gpus", 1))
+    return max(1, len(os.sched_getaffinity(0)) // local)
+
+
 def resolve_data(args, data):
     """Defaults that depend on the loaded data: the stem (auto) and the number of workers."""
     side = native_size(data.train)
     if args.stem == "auto":
         args.stem = "cifar" if side is not None and side <= 64 else "imagenet"
     if args.workers is None:
-        args.workers = 0 if data.train.in_memory else min(8, os.cpu_count() or 1)
+        args.workers = default_workers(data.train.in_memory, args)
     return side
 
 
@@ -1480,10 +1742,7 @@ def view_size(args, data):
 
 def two_views(scale):
     """The classic pair: two independent RandomResizedCrop boxes with flip p=0.5."""
-    def views(index, hw, rng):
-        (H, W), = hw
-        return [Crop(*rrc_box(H, W, scale, rng=rng), rng.random() < 0.5) for _ in range(2)]
-    return views
+    return RandomResizedCrops(2, scale)
 
 
 def framework_recipes(name, size):

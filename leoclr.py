@@ -12,7 +12,7 @@ encoder, queue, MLP head, temperature, SGD recipe) is MoCo-v2.
 Paper -> code
   Eq. 1   InfoNCE of one query-key pair against the queue   info_nce_fp32 (common.info_nce in fp32)
   Eq. 2   L = l(q(x), k(x1)) + l(q(x), k(x2))               leoclr_loss
-  Alg. 1  original -> E_q, two crops -> E_k, EMA, queue     leoclr_views, LeOCLR.forward
+  Alg. 1  original -> E_q, two crops -> E_k, EMA, queue     LeOCLRViews, LeOCLR.forward
   --baseline: symmetric MoCo-v2 on the two crops            baseline_loss
 
 Commands
@@ -66,19 +66,22 @@ def anchor_box(H, W, anchor, scale, rng):
     return common.rrc_box(H, W, scale, rng=rng)
 
 
-def leoclr_views(scale=(0.08, 1.0), anchor="full", orig_aug="full", baseline=False):
+class LeOCLRViews:
     """views_fn: [x, x1, x2] (LeOCLR) or [x1, x2] (--baseline). x1, x2: independent RandomResizedCrops with
     flip p=0.5. The draws are the same in both arms, so for a given (seed, epoch, index) the baseline sees
-    exactly LeOCLR's two crops."""
-    def views(index, hw, rng):
+    exactly LeOCLR's two crops. A class, so spawned workers can pickle it."""
+
+    def __init__(self, scale=(0.08, 1.0), anchor="full", orig_aug="full", baseline=False):
+        self.scale, self.anchor, self.orig_aug, self.baseline = tuple(scale), anchor, orig_aug, baseline
+
+    def __call__(self, index, hw, rng):
         (H, W), = hw
-        box = anchor_box(H, W, anchor, scale, rng)
-        flip = rng.random() < 0.5 and orig_aug != "none"  # always drawn: the crops stay the same across A3 arms
+        box = anchor_box(H, W, self.anchor, self.scale, rng)
+        flip = rng.random() < 0.5 and self.orig_aug != "none"  # always drawn: the crops stay the same across A3 arms
         x = common.Crop(*box, flip)
-        x1 = common.Crop(*common.rrc_box(H, W, scale, rng=rng), rng.random() < 0.5)
-        x2 = common.Crop(*common.rrc_box(H, W, scale, rng=rng), rng.random() < 0.5)
-        return [x1, x2] if baseline else [x, x1, x2]
-    return views
+        x1 = common.Crop(*common.rrc_box(H, W, self.scale, rng=rng), rng.random() < 0.5)
+        x2 = common.Crop(*common.rrc_box(H, W, self.scale, rng=rng), rng.random() < 0.5)
+        return [x1, x2] if self.baseline else [x, x1, x2]
 
 
 def leoclr_recipes(size, orig_aug="full", baseline=False):
@@ -201,7 +204,7 @@ def build(args, data):
     query = "x1<->x2 (symmetric MoCo-v2)" if args.baseline else f"query x = {args.anchor} image (orig-aug {args.orig_aug})"
     common.print0(f"{args.method}: {query}, keys x1, x2 = crops of area {scale[0]:g}-{scale[1]:g} at {size} px; "
                   f"queue K {args.queue_size} = {args.queue_size // per_step} steps of keys, tau {args.temperature}, m {args.ema}")
-    return common.Setup(model, leoclr_views(scale, args.anchor, args.orig_aug, args.baseline),
+    return common.Setup(model, LeOCLRViews(scale, args.anchor, args.orig_aug, args.baseline),
                         [size] * (2 if args.baseline else 3), leoclr_recipes(size, args.orig_aug, args.baseline))
 
 

@@ -14,7 +14,7 @@ Paper -> code:
   Eq. 5-6 (affinity objective, logistic form)  affinity_batch, affinity_loss, derangement, AffinityTrainer.step
   Eq. 9 (L = L_main + lambda L_ll, min-max)     repulsion_loss, LoGo.forward
   Alg. 1 (affinity step first, then encoder)   LoGo.forward; MoCo EMA + enqueue in LoGo.after_step
-  Fig. 2 (2 global + 2 local crops)            logo_views, SIZES
+  Fig. 2 (2 global + 2 local crops)            LoGoViews, SIZES
 
 Commands:
   python logo.py --dataset synthetic --subset 256 --batch-size 32 --epochs 1 --stem imagenet --gpus 0  # CPU smoke
@@ -135,14 +135,16 @@ SIZES = {"cifar10": (32, 32), "cifar100": (32, 32), "synthetic": (32, 32), "stl1
 LIKE = {32: "cifar10", 64: "tinyimagenet", 96: "stl10"}  # folder: the sizes of the dataset with the same image side
 
 
-def logo_views(global_scale, local_scale):
+class LoGoViews:
     """[g1, g2, l1, l2]: RandomResizedCrop boxes (ratio 3/4-4/3), flip p 0.5; globals cover global_scale (0.4-1)
-    of the image, locals local_scale (0.05-0.4) (official main_logo.py)."""
-    def views(index, hw, rng):
+    of the image, locals local_scale (0.05-0.4) (official main_logo.py). A class, so spawned workers can pickle it."""
+
+    def __init__(self, global_scale, local_scale):
+        self.scales = [tuple(global_scale)] * 2 + [tuple(local_scale)] * 2
+
+    def __call__(self, index, hw, rng):
         (H, W), = hw
-        return [common.Crop(*common.rrc_box(H, W, s, rng=rng), rng.random() < 0.5)
-                for s in (global_scale, global_scale, local_scale, local_scale)]
-    return views
+        return [common.Crop(*common.rrc_box(H, W, s, rng=rng), rng.random() < 0.5) for s in self.scales]
 
 
 # ================================================================ model
@@ -269,7 +271,7 @@ def view_plan(args, side):
     if args.baseline:  # the base framework's two views: scale (0.2, 1) at the global size
         views_fn, sizes = common.two_views((0.2, 1.0)), [G, G]
     else:
-        views_fn, sizes = logo_views(tuple(args.global_scale), tuple(args.local_scale)), [G, G, L, L]
+        views_fn, sizes = LoGoViews(args.global_scale, args.local_scale), [G, G, L, L]
     return views_fn, sizes, [common.mocov2_recipe(blur=s >= 96) for s in sizes]  # MoCo-v2 recipe on every view
 
 

@@ -4,18 +4,25 @@ For each method (the four base frameworks of common.py and every method file pre
 same views and the same device:
   step   images/s of a full training step: forward (the method's loss) + backward + optimizer step + after_step
   bare   images/s of the bare backbone forward + backward over the same views (no heads, no extra passes)
-  data   images/s of the data path: loader (boxes, PIL crops) + device crop/flip/photometric/normalise
+  data   images/s of the data path: loader (boxes, decoded crops) + device crop/flip/photometric/normalise
 and prints step/bare (the method's cost over the views it uses) and data/step (>1: the data path keeps up).
+With --data-path it instead times one worker core decoding and cropping each method's views from JPEG files
+(ImageNet-size: 224 px views), the former all-PIL path against torchvision decode_jpeg + tensor crops.
 
     python tests/benchmark.py                                        # CPU-sized default: 32 px, ImageNet stem
     python tests/benchmark.py --methods mocov2 leoclr --batch-size 256 --stem cifar --steps 20   # GPU, CIFAR-size
     python tests/benchmark.py --dataset folder --data DIR --methods logo --batch-size 128           # ImageNet-size
+    python tests/benchmark.py --data-path                     # samples/s per worker core on 200 generated 500x375 JPEGs
+    python tests/benchmark.py --data-path --data DIR --methods mocov2   # ... on an ImageFolder of your JPEGs
 Every method file exposes parse(argv) -> args and build(args, data) -> common.Setup; that is all this uses.
 """
-import argparse, importlib, os, sys, time
+import argparse, importlib, os, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import common  # noqa: E402
 
@@ -29,7 +36,8 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(name, extra, device, steps, warmup):
+def load(name, extra, device):
+    """A method's args, data and Setup, built as its own script builds them."""
     if name in FRAMEWORKS:
         args, build = common.parse_base(["--framework", name] + extra), common.build_base
     else:
@@ -39,7 +47,11 @@ def bench(name, extra, device, steps, warmup):
     common.seed_everything(args.seed)
     data = common.load_data(args)
     common.resolve_data(args, data)
-    setup = build(args, data)
+    return args, data, build(args, data)
+
+
+def bench(name, extra, device, steps, warmup):
+    args, data, setup = load(name, extra, device)
     model = common.batch_norm_policy(setup.model, False, args.bn_splits).to(device)
     opt = common.make_optimizer(model, args)
     kw = setup.fit_kwargs
@@ -108,11 +120,81 @@ def bench(name, extra, device, steps, warmup):
                 step_over_bare=bare_ips / step_ips, data_over_step=data_ips / step_ips)
 
 
+def write_jpegs(root, n=200):
+    """n ImageNet-like files in an ImageFolder: 500x375 JPEGs at quality 90, ~90 kB each (ImageNet's mean is ~110 kB),
+    common.synthetic_images upscaled plus texture at several scales, so the decoder works as hard as on photos."""
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, n, 20):  # in chunks: 200 float images of 500x375 would take 450 MB
+        imgs, labels = common.synthetic_images(min(20, n - start), size=96, offset=start)
+        x = F.interpolate(imgs.float(), size=(375, 500), mode="bilinear")
+        for k in (1, 2, 4, 16, 64):
+            noise = torch.randn(len(x), 3, 375 // k + 2, 500 // k + 2, generator=g)
+            x += 14 * F.interpolate(noise, size=(375, 500), mode="bicubic")
+        for i, (im, label) in enumerate(zip(x.clamp(0, 255).round().to(torch.uint8), labels.tolist())):
+            os.makedirs(os.path.join(root, f"class{label}"), exist_ok=True)
+            path = os.path.join(root, f"class{label}", f"{start + i:04d}.jpg")
+            Image.fromarray(im.permute(1, 2, 0).numpy()).save(path, quality=90)
+
+
+def data_path(name, extra, items, block=20):
+    """samples/s of dataset[i] (every view decoded, cropped, resized and flipped) per second of this process's CPU
+    time (one thread): the former all-PIL path and the tensor path on the same boxes. CPU time, and alternating
+    blocks, so that other processes on a shared machine slow both alike and barely move the figures."""
+    args, data, setup = load(name, extra, torch.device("cpu"))
+    if data.train.in_memory:
+        raise common.UserError(f"{args.data} holds small images, kept in memory and cropped on the device; "
+                               "--data-path needs large ones (e.g. ImageNet JPEGs)")
+    kw = setup.fit_kwargs
+    paths = [common.ViewDataset(data.train, setup.views_fn, setup.sizes, setup.recipes, args.seed,
+                                kw.get("sources_fn"), kw.get("extra_fn"), pil=pil) for pil in (True, False)]
+    n = len(data.train)
+    for ds in paths:  # warm-up: every file in the page cache, both paths run once
+        for i in range(n):
+            ds[i]
+    seconds, starts = [0.0, 0.0], range(0, items, block)
+    for start in starts:
+        for k, ds in enumerate(paths):
+            ds.epoch.fill_(start // n)  # each pass over the files draws new boxes
+            t = time.process_time()
+            for i in range(start, start + block):
+                ds[i % n]
+            seconds[k] += time.process_time() - t
+    done = len(starts) * block
+    return dict(method=name, views="+".join(str(s) for s in setup.sizes), pil=done / seconds[0],
+                torch=done / seconds[1])
+
+
+def data_path_table(methods, a):
+    torch.set_num_threads(1)  # one DataLoader worker's share: what --workers multiplies
+    with tempfile.TemporaryDirectory() as tmp:
+        root = a.data
+        if root is None:
+            root = tmp
+            write_jpegs(root)
+        extra = ["--dataset", "folder", "--data", root, "--arch", a.arch, "--subset", "200", "--out", tmp]
+        sizes = [os.path.getsize(f) for f in common.load_data(common.parse_base(extra)).train.files]
+        print(f"samples per second of CPU time on {torch.get_num_threads()} thread ({os.cpu_count()} cores here); "
+              f"torch {torch.__version__}, "
+              f"torchvision {torchvision.__version__}; {len(sizes)} JPEGs under {a.data or 'a temporary folder'}, "
+              f"mean {sum(sizes) / len(sizes) / 1e3:.0f} kB; {a.items} samples per path and method, alternating")
+        rows = []
+        for m in methods:
+            try:
+                rows.append(data_path(m, extra, a.items))
+            except (Exception, SystemExit) as e:  # one broken method should not hide the others' numbers
+                print(f"{m}: failed: {type(e).__name__}: {e}")
+    print("\n| method | views (px) | PIL samples/s | decode_jpeg + tensor samples/s | ratio |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['views']} | {r['pil']:.0f} | {r['torch']:.0f} | {r['torch'] / r['pil']:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=None, help="default: the four frameworks and every method file present")
     p.add_argument("--dataset", default="synthetic")
-    p.add_argument("--data", default="./data")
+    p.add_argument("--data", default=None, help="dataset root (default ./data); with --data-path an ImageFolder of "
+                   "large JPEGs (default: 200 generated 500x375 ones)")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--stem", default="imagenet", help="imagenet on 32 px is the cheap CPU setting; cifar for real CIFAR cost")
     p.add_argument("--batch-size", type=int, default=64)
@@ -121,11 +203,17 @@ def main():
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--precision", default="auto")
     p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--data-path", action="store_true", help="instead: samples/s per worker core of each method's "
+                   "views decoded and cropped from JPEG files, PIL against decode_jpeg + tensor crops")
+    p.add_argument("--items", type=int, default=400, help="--data-path: samples timed per path and method")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and a.gpus > 0 else "cpu")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     methods = a.methods or FRAMEWORKS + [m for m in METHODS if os.path.exists(os.path.join(here, f"{m}.py"))]
-    extra = ["--dataset", a.dataset, "--data", a.data, "--arch", a.arch, "--stem", a.stem, "--batch-size", str(a.batch_size),
+    if a.data_path:
+        return data_path_table(methods, a)
+    extra = ["--dataset", a.dataset, "--data", a.data or "./data", "--arch", a.arch, "--stem", a.stem,
+             "--batch-size", str(a.batch_size),
              "--workers", str(a.workers), "--precision", a.precision, "--subset", str(max(a.batch_size * (a.steps + a.warmup), 256)),
              "--out", "/tmp/benchmark-unused"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

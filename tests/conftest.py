@@ -25,13 +25,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_cli(script, *args, nproc=1, timeout=600):
-    """Run `python script args` (or torchrun with nproc CPU processes over gloo); parse the last stdout line."""
+def run_cli(script, *args, nproc=1, timeout=600, threads=None):
+    """Run `python script args` (or torchrun with nproc CPU processes over gloo); parse the last stdout line.
+    threads: OMP_NUM_THREADS of each process (default 1 under torchrun, else the caller's or 2)."""
     target = str(ROOT / script)
     cmd = [sys.executable, target, *map(str, args)] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), target, *map(str, args)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    threads = threads or ("1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
     try:

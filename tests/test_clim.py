@@ -111,7 +111,7 @@ def test_neighbour_draw_and_persistent_workers():
     assert seen == {5, 7} and clim.neighbour_sources(table, 1, random.Random(0)) == [1]
     table.fill_(-1)
     src = common.Source([0] * 8, images=torch.zeros(8, 3, 8, 8, dtype=torch.uint8))
-    ds = common.ViewDataset(src, clim.clim_views(clim.view_names(False, "cutmix", [])), [8] * 4, [common.Recipe()] * 4,
+    ds = common.ViewDataset(src, clim.CLIMViews(clim.view_names(False, "cutmix", [])), [8] * 4, [common.Recipe()] * 4,
                             0, lambda i, rng: clim.neighbour_sources(table, i, rng))
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, persistent_workers=True)
     first = next(iter(loader))["src"][:, 2]

@@ -38,7 +38,7 @@ def ortho_queue(K, dim, start):
 
 def test_shapes_of_views_queries_keys_and_logits(monkeypatch):
     src = common.Source(torch.zeros(4, dtype=torch.long), images=common.synthetic_images(4)[0])
-    ds = common.ViewDataset(src, leoclr.leoclr_views(), [32] * 3, leoclr.leoclr_recipes(32), seed=0)
+    ds = common.ViewDataset(src, leoclr.LeOCLRViews(), [32] * 3, leoclr.leoclr_recipes(32), seed=0)
     batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
     views = common.device_views(batch, src.images, (0.5,) * 3, (0.25,) * 3, [32] * 3, torch.device("cpu"))
     assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 3
@@ -71,7 +71,7 @@ def test_original_is_the_whole_uncropped_image(tmp_path, in_memory):
         path = str(tmp_path / "q.png")
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
         src = common.Source([0], files=[path])
-    ds = common.ViewDataset(src, leoclr.leoclr_views(orig_aug="none"), [32] * 3, leoclr.leoclr_recipes(32, "none"), 0)
+    ds = common.ViewDataset(src, leoclr.LeOCLRViews(orig_aug="none"), [32] * 3, leoclr.leoclr_recipes(32, "none"), 0)
     for epoch in range(3):
         ds.epoch.fill_(epoch)
         item = ds[0]
@@ -82,12 +82,12 @@ def test_original_is_the_whole_uncropped_image(tmp_path, in_memory):
         assert (corners - colours).abs().max() <= 2 / 255
     rng = random.Random(0)
     assert leoclr.anchor_box(48, 64, "center", (0.08, 1), rng) == (0, 8, 48, 48)
-    assert leoclr.leoclr_views()(0, [(48, 64)], rng)[0][:4] == (0, 0, 48, 64)  # full anchor with default orig-aug too
+    assert leoclr.LeOCLRViews()(0, [(48, 64)], rng)[0][:4] == (0, 0, 48, 64)  # full anchor with default orig-aug too
 
 
 def test_crop_boxes_follow_random_resized_crop():
     H, W = 200, 300
-    views, differ = leoclr.leoclr_views(), 0
+    views, differ = leoclr.LeOCLRViews(), 0
     for i in range(2000):
         x, x1, x2 = views(i, [(H, W)], common.sample_rng(0, 0, i))
         assert x[:4] == (0, 0, H, W)

@@ -65,7 +65,7 @@ def test_view_shapes_per_dataset(dataset, side, blur):
 
 
 def test_box_areas_within_scales():
-    views_fn = logo.logo_views((0.4, 1.0), (0.05, 0.4))
+    views_fn = logo.LoGoViews((0.4, 1.0), (0.05, 0.4))
     for side, tol in ((1000, 0.002), (32, 0.04)):
         areas = torch.tensor([[h * w / side ** 2 for _, _, h, w, _, _ in views_fn(i, [(side, side)], common.sample_rng(0, 0, i))]
                               for i in range(300)])
