@@ -106,6 +106,11 @@ def last_step_both_ways(script, args, steps, root, nproc_two=2, runner=None):
     return tuple(load_model(root / d) for d in ("prev", "one", "two"))
 
 
+def pytest_configure(config):
+    # torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (not in our package list)
+    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding:DeprecationWarning")
+
+
 @pytest.fixture
 def out(tmp_path):
     return str(tmp_path / "run")
