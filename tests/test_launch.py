@@ -159,7 +159,8 @@ def test_more_gpus_than_present_is_refused_without_device_cpu(tmp_path):
 def test_resume_at_another_precision_and_process_count(tmp_path):
     """A checkpoint saved by 1 process in fp32 resumes in bf16, then in 2 processes in fp16 (loss scale afresh)."""
     args = ["--dataset", "synthetic", "--subset", "32", "--batch-size", "8", "--stem", "imagenet", "--framework",
-            "mocov2", "--queue-size", "16", "--epochs", "1", "--knn-every", "0", "--bn-splits", "2", "--out", tmp_path / "o"]
+            "mocov2", "--queue-size", "16", "--epochs", "1", "--knn-every", "0", "--bn-splits", "2",
+            "--out", tmp_path / "o"]
     assert run_cli("common.py", *args, "--max-steps", "1", "--gpus", "0").rc == 0
     r = run_cli("common.py", *args, "--max-steps", "2", "--gpus", "0", "--precision", "bf16")
     assert r.rc == 0 and r.json["steps"] == 2, r.err[-3000:]
