@@ -173,8 +173,11 @@ def _first_to_fail():
     gone (its host, rank 0 or torchrun's agent, has exited after reporting), the others stay silent."""
     if not is_dist():
         return True  # failed before the group existed (e.g. its port): nobody else can have reported
+    get_store = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if get_store is None:
+        return True  # a torch without this (private) accessor: every failing rank reports rather than none
     try:
-        return dist.distributed_c10d._get_default_store().add("ranks_failed", 1) == 1
+        return get_store().add("ranks_failed", 1) == 1
     except Exception:
         return False
 
