@@ -1709,7 +1709,8 @@ def default_workers(in_memory, args):
     if in_memory:
         return 0
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, getattr(args, "gpus", 1))
-    return max(1, len(os.sched_getaffinity(0)) // local)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: none
+    return max(1, cores // local)
 
 
 def resolve_data(args, data):

@@ -189,3 +189,13 @@ def test_process_group_options():
     cuda, cpu = common.process_group_options(True, 3), common.process_group_options(False, 3)
     assert cuda["backend"] == "nccl" and cuda["device_id"] == torch.device("cuda", 3)
     assert cpu == {"backend": "gloo", "timeout": common.DIST_TIMEOUT} and cuda["timeout"] == common.DIST_TIMEOUT
+
+
+def test_default_workers_share_this_process_cores(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert common.default_workers(True, SimpleNamespace(gpus=8)) == 0                   # in memory: cropped on the device
+    assert common.default_workers(False, SimpleNamespace(gpus=1)) == cores
+    assert common.default_workers(False, SimpleNamespace(gpus=2 * cores)) == 1          # never 0 for files
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                                          # torchrun: the environment
+    assert common.default_workers(False, SimpleNamespace(gpus=1)) == max(1, cores // 2)
