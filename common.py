@@ -226,8 +226,8 @@ def gather_no_grad(x):
 
 # ================================================================ 2. data and views
 # A view is a box plus a recipe: the method draws boxes (cheap, CPU), common.py crops and resizes them
-# (PIL in workers, or roi_align on the device for in-memory data) and applies the photometric recipe
-# per sample on the training device.
+# (in workers: torchvision decodes JPEGs, PIL the rest; or roi_align on the device for in-memory data) and
+# applies the photometric recipe per sample on the training device.
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -238,7 +238,7 @@ IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".
 
 
 class Source:
-    """One split: images in memory (uint8 N x 3 x H x W) or as files (decoded by PIL in workers), labels (-1 = none)."""
+    """One split: images in memory (uint8 N x 3 x H x W) or as files (decoded in workers), labels (-1 = none)."""
 
     def __init__(self, labels, images=None, files=None, classes=None, name=""):
         self.images, self.files, self.name = images, files, name
@@ -1370,8 +1370,7 @@ def extract_features(backbone, source, size, mean, std, device, batch_size=256, 
     n, W, rows = len(source), get_world(), shard_rows(len(source))
     per = math.ceil(n / W)
     idx = [*range(rows.start, rows.stop)] + [n - 1] * (per - (rows.stop - rows.start))  # equal sizes for all_gather
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    mean_t, std_t = _channel_constant(tuple(mean), device), _channel_constant(tuple(std), device)
     cuda = device.type == "cuda"
     if source.in_memory:
         batches = (source.images[idx[i:i + batch_size]] for i in range(0, len(idx), batch_size))

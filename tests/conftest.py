@@ -1,5 +1,5 @@
 """Shared test helpers: run a script through its real command line, locate the real data, compare states."""
-import json, math, os, shutil, socket, subprocess, sys
+import json, math, os, shutil, subprocess, sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -8,6 +8,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import free_port  # noqa: E402,F401  (the tests import it from here)
 CIFAR_MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"
 requires_cifar_mini = pytest.mark.skipif(not CIFAR_MINI.exists(),
                                          reason=f"real data {CIFAR_MINI} is absent (it ships beside the repository, not in it)")
@@ -17,12 +18,6 @@ TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--ste
         "--log-every", "1", "--gpus", "0"]
 
 Result = namedtuple("Result", "rc out err json")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(script, *args, nproc=1, timeout=600, threads=None):
