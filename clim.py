@@ -25,7 +25,7 @@ Commands:
   python clim.py --dataset cifar10 --data ./data --baseline                        # MoCo-v2 with the same settings
   python clim.py --dataset cifar10 --data ./data --show-views                      # views.png + selection_eXXXX.png
 """
-import copy, functools, os, random, sys, time
+import functools, os, random, sys, time
 
 import numpy as np
 import torch
@@ -126,14 +126,9 @@ def selects_at(epoch, start, every):
 @torch.no_grad()
 def embed_bank(encoder, data, size, device, workers=0):
     """Z: f_k in eval mode on the un-augmented training images, fp32, unit rows, in dataset-index order. Each rank
-    encodes its shard (common.extract_features); f_k's BN statistics are averaged over ranks first (on a copy)."""
-    enc = copy.deepcopy(encoder)
-    if common.get_world() > 1:
-        for b in enc.buffers():
-            if b.is_floating_point():
-                dist.all_reduce(b)
-                b /= common.get_world()
-    z = common.extract_features(enc, data.train, size, data.mean, data.std, device, workers=workers)
+    encodes its shard (common.extract_features); f_k's BN statistics are averaged over ranks first (common.rank_mean_bn_stats)."""
+    with common.rank_mean_bn_stats(encoder):
+        z = common.extract_features(encoder, data.train, size, data.mean, data.std, device, workers=workers)
     return F.normalize(z.float(), dim=1)
 
 

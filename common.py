@@ -11,7 +11,7 @@ Run as a script it pretrains one of the four base frameworks (SimCLR, MoCo-v2, B
     python common.py --framework byol --dataset imagenet --data DIR --gpus 8
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 common.py --framework mocov2 --dataset imagenet --data DIR
 """
-import argparse, copy, datetime, functools, gc, json, math, os, random, socket, sys, time, traceback, warnings
+import argparse, contextlib, copy, datetime, functools, gc, json, math, os, random, socket, sys, time, traceback, warnings
 from collections import namedtuple
 
 import numpy as np
@@ -229,7 +229,15 @@ def gather_no_grad(x):
 # (in workers: torchvision decodes JPEGs, PIL the rest; or roi_align on the device for in-memory data) and
 # applies the photometric recipe per sample on the training device.
 
+# Default normalisation (mean, std) per dataset: the per-channel mean and std over all pixels of the training split
+# for CIFAR (the values of solo-learn's solo/data/pretrain_dataloader.py; numpy on the 50k JPEG re-encoded CIFAR-10
+# training images of ../shared/data gives mean 0.4913/0.4821/0.4465, std 0.2452/0.2428/0.2606: JPEG smooths a
+# little), ImageNet's for every other dataset. A method whose official code uses other constants applies them with
+# with_stats right after load_data (the "Normalisation constants" rows of README's fidelity tables).
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# CIFAR-10 constants of much public CIFAR code (MoCo's CIFAR demo, LoGo, ContrastiveCrop): the std is about the mean
+# per-image std (0.2004/0.1987/0.2008 on the JPEG copy), not the dataset's, so inputs come out ~1.2x wider.
+CIFAR_COMMON = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
          "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
          "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
@@ -427,6 +435,12 @@ def load_data(args):
         train = train.subset(args.subset, spread=name == "tinyimagenet")
         knn_train = train if knn_train is not None and name != "stl10" else knn_train
     return Data(train, knn_train, val, mean, std)
+
+
+def with_stats(data, stats):
+    """data normalised with stats = (mean, std) instead of its dataset's defaults (training views, kNN monitor,
+    localization); None keeps the defaults."""
+    return data if stats is None else data._replace(mean=tuple(stats[0]), std=tuple(stats[1]))
 
 
 def _select_classes(src, keep):
@@ -794,8 +808,10 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x):
         s, N, C, rest = self.splits, x.shape[0], x.shape[1], x.shape[2:]
-        if not self.training or s == 1 or N % s:
+        if not self.training or s == 1:
             return super().forward(x)
+        if N % s:
+            raise RuntimeError(f"split-BN over {s} chunks got a batch of {N}; the batch must be a multiple of {s}")
         self.num_batches_tracked += 1
         rm, rv = self.running_mean.repeat(s), self.running_var.repeat(s)
         w, b = (None, None) if self.weight is None else (self.weight.repeat(s), self.bias.repeat(s))
@@ -819,13 +835,24 @@ def convert_split_bn(module, splits):
     return module
 
 
-def batch_norm_policy(model, sync, splits):
-    """Multi-process: SyncBN where the base method uses it (CUDA only; gloo CPU runs keep per-process BN).
-    One process: split-BN simulates `splits` devices (1 = plain BN)."""
-    if get_world() > 1:
+def batch_norm_policy(model, sync, splits, batch_size=None):
+    """Multi-process: SyncBN where the base method uses it (CUDA only; gloo CPU runs keep per-process BN); a
+    --bn-splits above 1 does not apply and says so. One process: split-BN simulates `splits` devices (1 = plain BN);
+    with batch_size given, a batch that does not split into equal chunks of 2 or more images is an error."""
+    W = get_world()
+    if W > 1:
+        if splits > 1:
+            print0(f"note: --bn-splits {splits} applies to one process only; here each of the {W} processes "
+                   f"normalises its own {batch_size // W if batch_size else 'local'} images"
+                   + (" (SyncBN on CUDA: all of them)" if sync else ""))
         if sync and torch.cuda.is_available():
             return nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
+    if splits > 1 and batch_size is not None and (batch_size % splits or batch_size // splits < 2):
+        ok = [d for d in range(2, splits + 1) if batch_size % d == 0 and batch_size // d >= 2]
+        raise UserError(f"--batch-size {batch_size} does not split into --bn-splits {splits} equal chunks of 2 or more "
+                        f"images; use --bn-splits {ok[-1] if ok else 1} or a --batch-size that is a multiple of "
+                        f"{splits} (at least {2 * splits})")
     return convert_split_bn(model, splits) if splits > 1 else model
 
 
@@ -959,6 +986,23 @@ class Encoder(nn.Module):
         return self.head(self.backbone(x))
 
 
+def bn_splits_of(module):
+    """The split count of the module's SplitBatchNorm layers (1 without split-BN)."""
+    return next((m.splits for m in module.modules() if isinstance(m, SplitBatchNorm)), 1)
+
+
+def encode_together(encoder, xs):
+    """encoder over the views xs (each B x ...) in one pass; returns one output per view. Under split-BN with s
+    splits the batch is arranged split-major, so each BN chunk holds both views of its B/s images, as one of s
+    GPUs would (chunk k = images kB/s..(k+1)B/s - 1 of every view)."""
+    n, B, s = len(xs), xs[0].shape[0], bn_splits_of(encoder)
+    if s == 1 or B % s:
+        return encoder(torch.cat(xs)).split(B)
+    x = torch.stack(xs).unflatten(1, (s, B // s)).transpose(0, 1).flatten(0, 2)   # (s, n, B/s) order
+    y = encoder(x).unflatten(0, (s, n, B // s)).transpose(0, 1).flatten(1, 2)     # n x B x ...
+    return tuple(y)
+
+
 def _head_dims(d, framework, imagenet):
     """Heads of ContrastiveCrop's table (spec sec. 3): small datasets (ResNet-18) and ImageNet (ResNet-50)."""
     return {"simclr": [d, d if not imagenet else 2048, 128], "mocov2": [d, d if not imagenet else 2048, 128],
@@ -967,12 +1011,15 @@ def _head_dims(d, framework, imagenet):
 
 
 class SimCLR(nn.Module):
-    """SimCLR: z = normalize(proj(f(v))), NT-Xent over 2B anchors with negatives from all ranks."""
+    """SimCLR: z = normalize(proj(f(v))), NT-Xent over 2B anchors with negatives from all ranks. Both views go through
+    the network in one pass of 2B images, as the official code does, so BatchNorm sees both views together (with
+    split-BN each chunk holds both views of its images, as one GPU would). Head: Linear-BN-ReLU-Linear (official
+    code; head_bn=False is ContrastiveCrop's head). loss_scale: 1 (paper); ContrastiveCrop's code multiplies by t/0.07."""
     sync_bn = True
 
-    def __init__(self, backbone, proj_dims, temperature=0.5, loss_scale=1.0):
+    def __init__(self, backbone, proj_dims, temperature=0.5, loss_scale=1.0, head_bn=True):
         super().__init__()
-        self.encoder = Encoder(backbone, mlp(proj_dims, bn=False))
+        self.encoder = Encoder(backbone, mlp(proj_dims, bn=head_bn))
         self.temperature, self.loss_scale = temperature, loss_scale
 
     @property
@@ -980,7 +1027,8 @@ class SimCLR(nn.Module):
         return self.encoder.backbone
 
     def forward(self, views, batch=None):
-        z1, z2 = (F.normalize(self.encoder(v).float(), dim=1) for v in views[:2])
+        z1, z2 = encode_together(self.encoder, views[:2])
+        z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
         return self.loss_scale * nt_xent(z1, z2, self.temperature), {}
 
 
@@ -1074,16 +1122,32 @@ class SimSiam(nn.Module):
         return simsiam_loss(self.predictor(z1), self.predictor(z2), z1, z2), {}
 
 
-def build_framework(name, backbone, imagenet, args):
-    """One of the four base frameworks with the heads and constants of ContrastiveCrop's table (spec sec. 3-4)."""
+# Each paper's constants, and what a small dataset (CIFAR-sized images, ~1k steps) needs instead: MoCo's official
+# CIFAR demo (K 4096, m 0.99, t 0.1) and solo-learn's CIFAR BYOL (m 0.99 -> 1). A 1k-step run cannot wait for an
+# EMA with a 1,000-step horizon (m 0.999) or a queue of 65,536 keys (more than the data).
+PAPER = {"simclr": dict(temperature=0.5), "mocov2": dict(temperature=0.2, queue_size=65536, ema=0.999),
+         "byol": dict(ema=0.996), "simsiam": {}}
+SMALL_DATA = {**PAPER, "mocov2": dict(temperature=0.1, queue_size=4096, ema=0.99), "byol": dict(ema=0.99)}
+
+
+def build_framework(name, backbone, imagenet, args, contrastive_crop=False):
+    """One of the four base frameworks with the heads of ContrastiveCrop's table (spec sec. 3-4) and each paper's
+    constants. SimCLR follows its paper (loss x 1, BN in the head) unless contrastive_crop: then ContrastiveCrop's
+    code (loss x t/0.07, no BN in the head). BYOL's target momentum rises from --ema to 1 on a cosine (BYOL Sec.
+    3.2; ContrastiveCrop: fixed). Small data (not imagenet, ~1k steps): the shorter EMA horizons and the sized
+    queue of SMALL_DATA (MoCo's CIFAR demo, solo-learn's CIFAR BYOL) unless contrastive_crop keeps its table."""
     dims = _head_dims(backbone.out_dim, name, imagenet)
+    c = SMALL_DATA[name] if not imagenet and not contrastive_crop else PAPER[name]
+    t = args.temperature or c.get("temperature")
     if name == "simclr":
-        t = args.temperature or 0.5  # x t/0.07 as ContrastiveCrop's losses/NT_Xent_dist.py
-        return SimCLR(backbone, dims, t, loss_scale=t / 0.07)
+        if contrastive_crop:  # losses/NT_Xent_dist.py; the x7.1 at t 0.5 is a 7x larger step (see README)
+            return SimCLR(backbone, dims, t, loss_scale=t / 0.07, head_bn=False)
+        return SimCLR(backbone, dims, t)
     if name == "mocov2":
-        return MoCoV2(backbone, dims, args.queue_size or 65536, args.temperature or 0.2, args.ema or 0.999)
+        return MoCoV2(backbone, dims, args.queue_size or c["queue_size"], t, args.ema or c["ema"],
+                      symmetric=getattr(args, "symmetric", False))
     if name == "byol":
-        return BYOL(backbone, dims, 512 if not imagenet else 4096, args.ema or 0.996)
+        return BYOL(backbone, dims, 512 if not imagenet else 4096, args.ema or c["ema"], cosine_ema=not contrastive_crop)
     if name == "simsiam":
         return SimSiam(backbone, dims, 128 if not imagenet else 512)
     raise UserError(f"unknown --framework '{name}'; choose simclr, mocov2, byol or simsiam")
@@ -1152,7 +1216,7 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
     device, rank, world = args.device, get_rank(), get_world()
     cuda = device.type == "cuda"
     os.makedirs(args.out, exist_ok=True)
-    unwrapped = batch_norm_policy(model, getattr(model, "sync_bn", False), args.bn_splits).to(device)
+    unwrapped = batch_norm_policy(model, getattr(model, "sync_bn", False), args.bn_splits, args.batch_size).to(device)
     if cuda:
         unwrapped = unwrapped.to(memory_format=torch.channels_last)
     opt = make_optimizer(unwrapped, args)
@@ -1275,7 +1339,7 @@ def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None,
                "knn_top1": knn_top1, "out": args.out}
     if is_main():
         export_backbone(unwrapped.backbone, os.path.join(args.out, "backbone.pth"), method=method, dataset=args.dataset,
-                        epoch=step / spe)
+                        epoch=step / spe, mean=list(data.mean), std=list(data.std))  # the input normalisation trained on
         plot_curves(history, os.path.join(args.out, "curves.png"))
     return summary, unwrapped
 
@@ -1445,12 +1509,37 @@ def topk_accuracy(ranked, y):
     return 100.0 * hit[:, 0].float().mean().item(), 100.0 * hit.any(1).float().mean().item()
 
 
+@contextlib.contextmanager
+def rank_mean_bn_stats(module):
+    """Inside the block, every BatchNorm running mean/var of module holds its mean over ranks; restored after.
+    Models without SyncBN keep BN statistics per process (each saw only its share of the data); their mean is
+    what split-BN keeps on one process (the running averages are linear in the batch statistics), so an
+    evaluation with several processes equals the one-process split-BN one."""
+    stats = [b for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    if get_world() == 1 or not stats:
+        yield module
+        return
+    saved = [b.clone() for b in stats]
+    flat = torch.cat([b.flatten() for b in stats])
+    dist.all_reduce(flat)
+    for b, v in zip(stats, (flat / get_world()).split([b.numel() for b in stats])):
+        b.copy_(v.view_as(b))
+    try:
+        yield module
+    finally:
+        for b, v in zip(stats, saved):
+            b.copy_(v)
+
+
 def knn_eval(backbone, data, args, size, k=20, T=0.07):
-    """kNN top-1/top-5 of the backbone: memory = data.knn_train (a fp16 shard per rank), queries = data.knn_val."""
+    """kNN top-1/top-5 of the backbone (BN statistics averaged over ranks): memory = data.knn_train (a fp16 shard per
+    rank), queries = data.knn_val."""
     dev, tr, te = args.device, data.knn_train, data.knn_val
-    bank = extract_features(backbone, tr, size, data.mean, data.std, dev, workers=args.workers, shard=True,
-                            dtype=torch.float16)
-    queries = extract_features(backbone, te, size, data.mean, data.std, dev, workers=args.workers, dtype=torch.float16)
+    with rank_mean_bn_stats(backbone):
+        bank = extract_features(backbone, tr, size, data.mean, data.std, dev, workers=args.workers, shard=True,
+                                dtype=torch.float16)
+        queries = extract_features(backbone, te, size, data.mean, data.std, dev, workers=args.workers,
+                                   dtype=torch.float16)
     C = int(max(tr.labels.max(), te.labels.max())) + 1
     return topk_accuracy(knn_classify(bank, tr.labels[shard_rows(len(tr))], queries, C, k, T), te.labels)
 
@@ -1666,7 +1755,8 @@ def base_parser(description):
     a("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (0.02 with clipping, solo-learn)")
     a("--lars-clip", type=int, default=1, help="1: clip the LARS local rate at the global lr")
     a("--bn-splits", type=int, default=None,
-      help="one process only: BatchNorm over this many chunks of the batch, simulating that many GPUs (MoCo: 8)")
+      help="one process only: BatchNorm over this many equal chunks (2+ images each) of the batch, simulating that "
+           "many GPUs (MoCo: 8); with several processes it does not apply, and a note says so")
     a("--gpus", type=int, default=1, help="GPUs on this node (spawns one process each); 0 forces the CPU; ignored under torchrun")
     a("--device", dest="device_type", default="auto", choices=["auto", "cpu"],
       help="auto: CUDA when present; cpu: stay on the CPU, and with --gpus N spawn N CPU processes over gloo "
@@ -1736,6 +1826,10 @@ LARGE_OVERRIDES = {"simclr": dict(batch_size=512, lr=0.025), "byol": dict(batch_
                    "simsiam": dict(batch_size=512, lr=0.05), "mocov2": {}}
 VIEW_SIZE = {"cifar10": 32, "cifar100": 32, "synthetic": 32, "stl10": 96, "tinyimagenet": 64}
 MIN_SCALE = {"simclr": 0.08, "mocov2": 0.2, "byol": 0.08, "simsiam": 0.2}  # each paper's RandomResizedCrop scale
+# Normalisation where a framework's official code covers the dataset with other constants than load_data's:
+# MoCo's colab/moco_cifar10_demo.ipynb. SimCLR's code feeds unnormalised [0, 1] pixels; BYOL's and SimSiam's
+# cover ImageNet only (ImageNet constants, the default).
+BASE_NORM_STATS = {"mocov2": {"cifar10": CIFAR_COMMON}}
 
 
 def view_size(args, data):
@@ -1749,19 +1843,24 @@ def two_views(scale):
 
 
 def framework_recipes(name, size):
+    """Each paper's photometric recipe; below 96 px no blur, and SimCLR's colour strength 0.5 (its CIFAR-10 setting,
+    paper appendix B.9) instead of 1.0."""
     blur = size >= 96
     if name == "byol":
         return list(byol_recipes(blur))
-    return [simclr_recipe(blur) if name == "simclr" else mocov2_recipe(blur)] * 2
+    return [simclr_recipe(blur, 1.0 if blur else 0.5) if name == "simclr" else mocov2_recipe(blur)] * 2
 
 
 def parse_base(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--framework", default="mocov2", choices=["simclr", "mocov2", "byol", "simsiam"], help="base framework")
-    p.add_argument("--temperature", type=float, default=None, help="SimCLR 0.5, MoCo-v2 0.2")
-    p.add_argument("--queue-size", type=int, default=None, help="MoCo-v2 queue length K (65536); a multiple of the batch")
-    p.add_argument("--ema", type=float, default=None, help="momentum of the EMA encoder (MoCo 0.999, BYOL 0.996)")
+    p.add_argument("--temperature", type=float, default=None, help="SimCLR 0.5, MoCo-v2 0.2 (small data: 0.1)")
+    p.add_argument("--queue-size", type=int, default=None,
+                   help="MoCo-v2 queue length K (65536; small data: 4096); a multiple of the batch")
+    p.add_argument("--ema", type=float, default=None,
+                   help="EMA momentum (MoCo 0.999, BYOL 0.996 rising to 1; small data: 0.99 each)")
     p.add_argument("--crop-min-scale", type=float, default=None, help="RandomResizedCrop min area (default: the framework's paper)")
+    p.add_argument("--symmetric", action="store_true", help="MoCo-v2: add the swapped loss term (official CIFAR demo option)")
     argv = sys.argv[1:] if argv is None else argv
     fw = p.parse_known_args(argv)[0].framework
     defaults = {d: {**row, **(LARGE_OVERRIDES[fw] if row is LARGE else {}), "bn_splits": 8 if fw == "mocov2" else 1}
@@ -1792,7 +1891,7 @@ def build_base(args, data):
 
 def run_base(args):
     seed_everything(args.seed)
-    data = load_data(args)
+    data = with_stats(load_data(args), BASE_NORM_STATS.get(args.framework, {}).get(args.dataset))  # MoCo demo
     resolve_data(args, data)
     setup = build_base(args, data)
     if args.show_views:

@@ -91,13 +91,6 @@ def localize(backbone, data, args, k):
     """Boxes of every training image from the online backbone in eval mode, N x 4 on the CPU, identical on all
     ranks. Grads, BN statistics and the train() flag are left as they were."""
     world, dev = common.get_world(), args.device
-    stats = [b for name, b in backbone.named_buffers() if name.endswith(("running_mean", "running_var"))]
-    saved = [b.clone() for b in stats]
-    if world > 1:  # MoCo keeps BN per GPU: use the ranks' mean statistics, as split-BN keeps them on one process
-        flat = torch.cat([b.flatten() for b in stats])
-        torch.distributed.all_reduce(flat)
-        for b, v in zip(stats, (flat / world).split([b.numel() for b in stats])):
-            b.copy_(v.view_as(b))
     was = backbone.training
     backbone.eval()
     idx = shard(len(data.train), common.get_rank(), world)
@@ -107,14 +100,13 @@ def localize(backbone, data, args, k):
                                          num_workers=0 if data.train.in_memory else args.workers,
                                          collate_fn=functools.partial(frames, data.train))
     boxes = []
-    for x in loader:
-        x = (x.to(dev, non_blocking=True).float() / 255 - mean) / std
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            feats = common.feature_map(backbone, x)                       # B x C x h x w (layer4, after ReLU)
-        boxes.append(boxes_from_features(feats, x.shape[-2:], k))
+    with common.rank_mean_bn_stats(backbone):  # MoCo keeps BN per GPU: the ranks' mean, as split-BN on one process
+        for x in loader:
+            x = (x.to(dev, non_blocking=True).float() / 255 - mean) / std
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                feats = common.feature_map(backbone, x)                   # B x C x h x w (layer4, after ReLU)
+            boxes.append(boxes_from_features(feats, x.shape[-2:], k))
     backbone.train(was)
-    for b, s in zip(stats, saved):
-        b.copy_(s)
     mine = torch.zeros(len(idx), 4, device=dev)                           # this rank's rows, padding last
     if boxes:
         mine[:int((idx >= 0).sum())] = torch.cat(boxes)
@@ -324,6 +316,12 @@ DEFAULTS = {
     "folder": dict(IMAGENET, stem="auto"),  # the imagenet row; auto: CIFAR stem for <= 64 px folders
     "synthetic": SMALL,     # the cifar10 row (tests, offline demos)
 }
+# Normalisation of the official configs (configs/small/<dataset>/*.py, configs/linear/*_res18.py), the same for all
+# four frameworks; configs/IN1K and IN200 use the ImageNet constants, load_data's default.
+NORM_STATS = {"cifar10": common.CIFAR_COMMON,
+              "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+              "stl10": ((0.4406, 0.4273, 0.3858), (0.2312, 0.2265, 0.2237)),
+              "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))}
 IMAGENET_FRAMEWORK = {"mocov2": {},                                    # the rows above
                       "simclr": dict(batch_size=512, lr=0.025),          # paper Sec. 4.1 (0.05 at batch 512)
                       "simsiam": dict(batch_size=512, lr=0.05),          # the SimSiam paper
@@ -370,7 +368,7 @@ def build(args, data):
     size = common.view_size(args, data)
     imagenet = args.dataset in ("imagenet", "imagenet100") or size >= 160
     backbone = common.build_backbone(args.arch, args.stem, zero_init_residual=args.framework == "simsiam")
-    model = common.build_framework(args.framework, backbone, imagenet, args)
+    model = common.build_framework(args.framework, backbone, imagenet, args, contrastive_crop=True)
     if args.framework == "mocov2" and len(model.queue.queue) % args.batch_size:
         raise common.UserError(f"--queue-size {len(model.queue.queue)} must be a multiple of --batch-size {args.batch_size}")
     Wu, I = loc_schedule(args.crop, args.epochs, args.loc_warmup, args.loc_interval)
@@ -393,7 +391,7 @@ def build(args, data):
 
 def run(args):
     common.seed_everything(args.seed)
-    data = common.load_data(args)
+    data = common.with_stats(common.load_data(args), NORM_STATS.get(args.dataset))  # the official configs'
     common.resolve_data(args, data)
     setup = build(args, data)
     state = setup.fit_kwargs["extra_state"]

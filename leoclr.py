@@ -161,6 +161,10 @@ DEFAULTS = {
     "synthetic": SMALL,      # the cifar10 row
 }
 
+# Normalisation: [base method] the MoCo demo (colab/moco_cifar10_demo.ipynb) normalises CIFAR-10 with CIFAR_COMMON;
+# MoCo's main_moco.py ImageNet with the ImageNet constants (load_data's default). LeOCLR has no public code.
+NORM_STATS = {"cifar10": common.CIFAR_COMMON}
+
 
 def parse(argv=None):
     p = common.base_parser(__doc__)
@@ -256,7 +260,7 @@ def show_views(args, data, setup, path, n=4):
 
 def run(args):
     common.seed_everything(args.seed)
-    data = common.load_data(args)
+    data = common.with_stats(common.load_data(args), NORM_STATS.get(args.dataset))  # the MoCo demo's
     common.resolve_data(args, data)
     setup = build(args, data)
     if args.show_views:

@@ -1,30 +1,55 @@
-"""linear_eval.py: frozen-backbone linear probe and kNN for any checkpoint of this repository.
+"""linear_eval.py: linear probe, kNN and semi-supervised fine-tuning for any checkpoint of this repository.
 
-Protocol (the papers'): the backbone is frozen and in eval mode; a linear classifier on its pooled features
-(standardised by a non-affine BatchNorm, our choice: lr 10/30 then works whatever the feature scale)
-is trained with SGD (momentum 0.9, no weight decay) for 100 epochs, lr x0.1 at 60% and 80% of them;
-lr 10 with batch 512 on small datasets (ContrastiveCrop Table 1), lr 30 with batch 256 on ImageNet (MoCo).
-Training images get RandomResizedCrop + flip; --precompute instead caches the features of un-augmented
-images once (much faster, on CPU too; slightly lower accuracy), fp16, each rank its own shard (ImageNet,
-ResNet-50, 8 GPUs: 656 MB per GPU). kNN: k=20, T=0.07, cosine, weighted votes, the memory bank sharded over ranks.
-On CUDA the frozen backbone runs in bf16 autocast and channels_last, as in training; the head is trained with DDP.
+Linear probe, frozen backbone in eval mode, on its pooled features standardised by the mean and std of the training
+features (a fixed affine map, so the classifier stays linear and its lr does not depend on the feature scale):
+- `--protocol sweep` (default; our choice, as DINO's eval_linear): 7 heads, one per lr in 0.001 ... 1.0, trained side
+  by side on the same batches (SGD, momentum 0.9, no weight decay, batch 256, 100 epochs, cosine to 0). A seeded,
+  class-balanced 10 % of the training images is held out; the head with the best held-out top-1 at the last epoch
+  wins (ties: the smaller lr), among the heads whose last-epoch training loss is below ln(C), the loss of a uniform
+  guess (a head above it has diverged). Reported: that head's test top-1/top-5 at its last epoch. The test set
+  chooses nothing. On standardised features the curvature of the loss is at most (D + 1) / 2 (every dimension one
+  signal), so lr 0.001 stays under momentum SGD's stability bound on that curvature, 2 (1 + 0.9) / ((D + 1) / 2), up
+  to D = 2048: the smallest head learns even in that worst case (tested), where the large lrs blow up.
+- `--protocol paper`: one head, 100 epochs, lr x0.1 at 60 % and 80 %, all training images, test top-1 at the last
+  epoch: lr 10 with batch 512 on small datasets (ContrastiveCrop Table 1), lr 30 with batch 256 on ImageNet (MoCo).
+Training images get RandomResizedCrop + flip; --precompute instead caches the features of un-augmented images once
+(much faster, on CPU too; slightly lower accuracy), fp16, each rank its own shard (ImageNet, ResNet-50, 8 GPUs:
+656 MB per GPU). kNN: k=20, T=0.07, cosine, weighted votes, the memory bank sharded over ranks.
+On CUDA the frozen backbone runs in bf16 autocast and channels_last, as in training; the heads are trained with DDP.
+
+--finetune --labels 1%|10%|FILE: SimCLR's semi-supervised protocol (App. B.5) instead of the probe: the whole backbone
+and a new zero-initialised linear head, on a seeded, class-balanced subset of the labelled training images (the same
+number per class, at least 1; or the images a file names, one file name a line, e.g. SimCLR's imagenet_subsets/
+1percent.txt), random crop + flip only, SGD with Nesterov momentum 0.9, lr 0.05 x batch/256, batch 256 (the subset if
+smaller), no weight decay, 60 epochs for 1 % and 30 for 10 %, cosine (our choice), BN in train mode (SyncBN on several
+GPUs; per process over gloo), test top-1 on centre crops. The checkpoint file is only read.
 
     python linear_eval.py runs/leoclr-cifar10 --dataset cifar10 --data DIR
     python linear_eval.py runs/logo-cifar10 runs/leoclr-cifar10 --dataset cifar10 --data DIR --precompute   # table + comparison.png
-    python linear_eval.py runs/clim-imagenet --dataset imagenet --data DIR --gpus 8
+    python linear_eval.py runs/clim-imagenet --dataset imagenet --data DIR --gpus 8 --protocol paper
+    python linear_eval.py runs/clim-imagenet --dataset imagenet --data DIR --gpus 8 --finetune --labels 1percent.txt
     python linear_eval.py runs/x --dataset synthetic --knn-only
 
-Last stdout line: one JSON object {"runs": {run: {"linear_top1", "linear_top5", "linear_best_top1", "knn_top1", "knn_top5"}}}.
+Last stdout line: one JSON object {"dataset", "runs": {run: {"knn_top1", "knn_top5", "linear_top1", "linear_top5",
+"linear_lr", "linear_heldout_top1" (null with --protocol paper), "linear_loss"}}}; with --finetune "finetune_top1",
+"finetune_top5", "finetune_images" replace the linear keys.
 """
-import copy, os
+import copy, math, os
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
 
-PROTOCOL = {"small": dict(lr=10.0, batch_size=512), "imagenet": dict(lr=30.0, batch_size=256)}
+PROTOCOLS = {  # the linear probe: lrs (one head each), global batch, epochs, lr schedule
+    "sweep": dict(lrs=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0), batch_size=256, epochs=100, schedule="cosine"),
+    "paper-small": dict(lrs=(10.0,), batch_size=512, epochs=100, schedule="step"),      # ContrastiveCrop Table 1
+    "paper-imagenet": dict(lrs=(30.0,), batch_size=256, epochs=100, schedule="step"),   # MoCo
+}
+HELDOUT = 0.1                                 # share of the training images that chooses the lr (sweep)
+FINETUNE = dict(lr=0.05, batch_size=256)      # SimCLR App. B.5: lr 0.05 x batch/256, Nesterov, no weight decay
 
 
 def parse(argv=None):
@@ -37,23 +62,255 @@ def parse(argv=None):
     a("--class-list", default=None, help="ImageNet wnids, one a line (imagenet100 from a full ImageNet root)")
     a("--subset", type=int, default=0, help="use the first N training images only")
     a("--arch", default=None, help="expected architecture; default: the one stored in backbone.pth")
-    a("--epochs", type=int, default=100, help="linear-classifier epochs (100; lr x0.1 at 60%% and 80%%)")
-    a("--lr", type=float, default=None, help="classifier lr (10 for small datasets, 30 for ImageNet)")
-    a("--batch-size", type=int, default=None, help="global batch (512 small datasets, 256 ImageNet)")
+    a("--protocol", default="sweep", choices=["sweep", "paper"],
+      help="sweep: 7 lrs side by side, chosen on a held-out 10%% of the training set (recommended); paper: lr 10 "
+           "(small datasets) or 30 (ImageNet), steps at 60%% and 80%%, as the papers report")
+    a("--epochs", type=int, default=None, help="linear-classifier epochs (100)")
+    a("--lr", type=float, nargs="+", default=None,
+      help="classifier lr(s), absolute: sweep 0.001 0.003 ... 1.0 (one head each); paper 10 small, 30 ImageNet")
+    a("--batch-size", type=int, default=None,
+      help="global batch: probe 256 (paper: 512 small datasets, 256 ImageNet); --finetune 256 (or the subset)")
     a("--knn-only", action="store_true", help="only the kNN classifier (seconds)")
     a("--precompute", action="store_true", help="cache features of un-augmented images once; no augmentation")
+    a("--finetune", action="store_true", help="fine-tune backbone + linear head on --labels, instead of the probe")
+    a("--labels", default=None,
+      help="with --finetune: 1%% or 10%% (class-balanced, seeded) or a file of training image names, one a line")
+    a("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (60 for <= 5%% of the labels, else 30)")
+    a("--finetune-lr", type=float, default=FINETUNE["lr"], help="fine-tuning lr per 256 images (0.05, SimCLR)")
     a("--size", type=int, default=None, help="input side (default: 32/64/96 native, 224 for ImageNet-like)")
     a("--gpus", type=int, default=1, help="GPUs (0 = CPU); under torchrun the environment decides")
     a("--device", dest="device_type", default="auto", choices=["auto", "cpu"],
       help="auto: CUDA when present; cpu: stay on the CPU (with --gpus N: N CPU processes over gloo)")
     a("--workers", type=int, default=None, help="data-loader workers")
-    a("--seed", type=int, default=0, help="seed")
+    a("--seed", type=int, default=0, help="seed (held-out split, label subset, batches, crops)")
     a("--out", default=None, help="where comparison.png goes (default: the first run's folder)")
     args = p.parse_args(argv)
     if args.dataset not in common.DATASETS:
         common.fail(f"unknown dataset '{args.dataset}'; choose one of {', '.join(common.DATASETS)}")
+    if args.finetune != (args.labels is not None):
+        common.fail("--finetune and --labels go together: --finetune --labels 1% (or 10%, or a file of image names)")
+    if args.finetune and args.knn_only:
+        common.fail("--finetune and --knn-only exclude each other; drop one")
+    if args.labels and args.labels.endswith("%"):
+        try:
+            pct = float(args.labels[:-1])
+        except ValueError:
+            pct = -1.0
+        if not 0 < pct <= 100:
+            common.fail(f"--labels {args.labels}: give a percentage in (0, 100], e.g. 1% or 10%, or a file of names")
+    if args.protocol == "paper" and args.lr and len(args.lr) > 1:
+        common.fail("--protocol paper trains one head: pass one --lr (10 small datasets, 30 ImageNet)")
     return args
 
+
+def probe_settings(args, size):
+    """The protocol's lrs, batch, epochs and schedule; --lr, --batch-size and --epochs override them."""
+    name = args.protocol if args.protocol == "sweep" else "paper-small" if size < 160 else "paper-imagenet"
+    s = dict(PROTOCOLS[name])
+    s.update({k: v for k, v in [("lrs", args.lr and tuple(args.lr)), ("batch_size", args.batch_size),
+                                ("epochs", args.epochs)] if v})
+    return s
+
+
+def lr_factor(schedule, step, steps_per_epoch, epochs):
+    """cosine: per step from 1 to 0; step: x0.1 at 60 % and 80 % of the epochs (MoCo's 60/80 of 100)."""
+    if schedule == "cosine":
+        return common.lr_factor(step, steps_per_epoch, epochs)
+    e = step // steps_per_epoch
+    return 0.1 ** ((e >= int(0.6 * epochs)) + (e >= int(0.8 * epochs)))
+
+
+# ================================================================ which images: held-out split, label subsets
+
+def balanced_subset(labels, fraction, seed, leave=0):
+    """Sorted indices of a class-balanced, seeded subset: k = max(1, floor(fraction x N / C)) images of every class
+    present (all but `leave` of a class that has fewer), the first k of a seeded permutation of the class. A pure
+    function of (labels, fraction, seed): the same subset in every process, whatever their number."""
+    classes, counts = labels.unique(return_counts=True)
+    k = max(1, math.floor(round(fraction * len(labels) / len(classes), 9)))   # round: 0.29 x 100 is 28.999...
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c, n in zip(classes.tolist(), counts.tolist()):
+        members = (labels == c).nonzero().squeeze(1)
+        picked.append(members[torch.randperm(n, generator=g)[:max(0, min(k, n - leave))]])
+    return torch.cat(picked).sort().values
+
+
+def heldout_split(labels, fraction, seed):
+    """-> (held: a mask over the N training rows, the class-balanced, seeded `fraction` that chooses the lr, each class
+    keeping one image at least for training; the training rows of every rank, as positions in its shard_rows). The
+    mask is the same whatever the number of processes, and every rank computes all of it."""
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    if fraction:
+        held[balanced_subset(labels, fraction, seed, leave=1)] = True
+    shards = (common.shard_rows(len(labels), r) for r in range(common.get_world()))
+    return held, [(~held[rows]).nonzero().squeeze(1) for rows in shards]
+
+
+def named_subset(source, path):
+    """Indices of the training images a file names (one file name a line, e.g. n01440764_10026.JPEG), matched
+    against the base names of the training files."""
+    try:
+        with open(path) as f:
+            names = [l.strip() for l in f if l.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise common.UserError(f"cannot read --labels {path} ({type(e).__name__}); pass 1%, 10% or a text file of "
+                               "image names, one a line")
+    if source.files is None:
+        raise common.UserError(f"--labels {path} names files, but {source.name} has none; use --labels 1% or 10%")
+    where = {os.path.basename(f): i for i, f in enumerate(source.files)}
+    missing = [n for n in names if n not in where]
+    if missing or not names:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise common.UserError(f"--labels {path}: {missing[0] if missing else 'no names'}{more} not found among the "
+                               f"{len(source)} training images of {source.name}; check the list and --data")
+    return torch.tensor(sorted({where[n] for n in names}), dtype=torch.long)
+
+
+def labelled_subset(source, labels_arg, seed):
+    """--labels 1% / 10% (class-balanced, seeded) or FILE -> indices into the labelled training set."""
+    if labels_arg.endswith("%"):
+        return balanced_subset(source.labels, float(labels_arg[:-1]) / 100, seed)
+    return named_subset(source, labels_arg)
+
+
+def select(source, idx):
+    """The rows idx of a Source (images, files and labels)."""
+    return common.Source(source.labels[idx], None if source.images is None else source.images[idx],
+                         None if source.files is None else [source.files[i] for i in idx.tolist()],
+                         source.classes, source.name)
+
+
+# ================================================================ heads and their training
+
+class LinearHeads(nn.Module):
+    """H linear classifiers side by side on the same standardised features: x (B x D) -> logits B x H x C.
+    The standardisation is fixed ((x - mean) / std of the training features), so it folds into each classifier: still
+    linear. Zero-initialised, as SimCLR's logits layer: every head starts from the same point."""
+
+    def __init__(self, mean, std, num_classes, num_heads):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
+        self.linears = nn.ModuleList(nn.Linear(len(mean), num_classes) for _ in range(num_heads))
+        for lin in self.linears:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x):
+        x = (x.float() - self.mean) / self.std
+        return torch.stack([lin(x) for lin in self.linears], 1)
+
+
+class FineTuned(nn.Module):
+    """Backbone + a new linear head: images -> logits B x C; the backbone in bf16 autocast on CUDA, the head in fp32."""
+
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        self.backbone, self.fc = backbone, nn.Linear(backbone.out_dim, num_classes)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        with common.eval_autocast(x.device):
+            f = self.backbone(x)
+        return self.fc(f.float())
+
+
+def train_sgd(model, groups, batches, epochs, steps_per_epoch, schedule, nesterov=False, on_epoch=None):
+    """SGD (momentum 0.9, no weight decay) on the sum over heads of each head's cross-entropy; model(x) -> B x H x C
+    logits (B x C: one head). Each head sees the same batches and only its own loss term reaches it, so H heads side by
+    side train as H separate runs would. groups: optimizer groups with their base lr, scaled by lr_factor every step;
+    batches(epoch) -> (inputs, labels). DDP over several processes. -> the mean training loss of each head over the
+    last epoch (H), averaged over ranks."""
+    dev, world = next(model.parameters()).device, common.get_world()
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
+        if world > 1 else model
+    opt = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, nesterov=nesterov, weight_decay=0.0)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    step = 0
+    for epoch in range(epochs):
+        total = 0.0
+        for x, y in batches(epoch):
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor(schedule, step, steps_per_epoch, epochs)
+            logits = ddp(x)
+            logits = logits.view(len(y), -1, logits.shape[-1])                                       # B x H x C
+            per_head = F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]),
+                                       reduction="none").mean(0)                                        # H
+            opt.zero_grad(set_to_none=True)
+            per_head.sum().backward()
+            opt.step()
+            total, step = total + per_head.detach(), step + 1
+        loss = total / steps_per_epoch
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        if on_epoch:
+            on_epoch(epoch, loss)
+    return loss
+
+
+def choose_head(heldout_top1, losses, num_classes):
+    """The head with the best held-out top-1 (ties: the first, i.e. the smaller lr) among those whose training loss is
+    finite and below ln C, the loss of a uniform guess; if none is, among all."""
+    ok = losses.isfinite() & (losses < math.log(num_classes))
+    return int(torch.where(ok, heldout_top1, -1.0).argmax() if ok.any() else heldout_top1.argmax())
+
+
+@torch.no_grad()
+def heads_top1(heads, feats, labels):
+    """Top-1 (%) of every head on this rank's rows, counted over all ranks: the same H numbers on every rank."""
+    was = heads.training
+    heads.eval()
+    correct = torch.zeros(len(heads.linears), dtype=torch.float64, device=feats.device)
+    for f, y in zip(feats.split(4096), labels.split(4096)):
+        correct += (heads(f).argmax(-1) == y[:, None]).sum(0)
+    counts = torch.cat([correct, torch.tensor([float(len(labels))], dtype=torch.float64, device=feats.device)])
+    if common.get_world() > 1:
+        dist.all_reduce(counts)
+    heads.train(was)
+    return 100.0 * counts[:-1] / counts[-1]
+
+
+def feature_stats(feats, rows):
+    """Mean and std per dimension of feats[rows] over every rank (fp64 sums, by chunks of rows: no copy of the shard);
+    a constant dimension gets std 1."""
+    s = torch.zeros(3, feats.shape[1], dtype=torch.float64, device=feats.device)
+    for idx in rows.split(8192):
+        c = feats[idx].double()
+        s[0] += c.sum(0)
+        s[1] += (c * c).sum(0)
+    s[2] = len(rows)
+    if common.get_world() > 1:
+        dist.all_reduce(s)
+    mean = s[0] / s[2]
+    std = (s[1] / s[2] - mean * mean).clamp_min(0).sqrt()
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
+
+
+def augmented_batches(source, size, batch_size, data, args, transform):
+    """epoch -> batches (transform(views), labels) of one RandomResizedCrop (0.08-1) + flip view per image, no colour
+    changes; each rank takes its share of every global batch (GlobalBatchSampler). -> (batches, steps per epoch)."""
+    dev, cuda = args.device, args.device.type == "cuda"
+    ds = common.ViewDataset(source, common.RandomResizedCrops(1, (0.08, 1.0)), [size],
+                            [common.Recipe(p_jitter=0.0, p_gray=0.0)], args.seed)
+    sampler = common.GlobalBatchSampler(len(ds), batch_size, args.seed, common.get_rank(), common.get_world())
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=cuda,
+                                         persistent_workers=args.workers > 0)
+    images = source.images.to(dev) if source.in_memory else None
+
+    def batches(epoch):
+        ds.epoch.fill_(epoch)
+        sampler.set_epoch(epoch)
+        for b in loader:
+            views = common.device_views(b, images, data.mean, data.std, [size], dev, cuda)[0]
+            yield transform(views), b["label"].to(dev, non_blocking=True)
+    return batches, sampler.batches_per_epoch()
+
+
+# ================================================================ evaluation
 
 def run(args):
     common.seed_everything(args.seed)
@@ -63,8 +320,7 @@ def run(args):
     if args.workers is None:
         args.workers = common.default_workers(data.knn_train.in_memory, args)
     size = args.size or common.VIEW_SIZE.get(args.dataset) or common.native_size(data.knn_train) or 224
-    proto = PROTOCOL["small" if size < 160 else "imagenet"]
-    args.lr, args.batch_size = args.lr or proto["lr"], args.batch_size or proto["batch_size"]
+    subset = labelled_subset(data.knn_train, args.labels, args.seed) if args.finetune else None
     results = {}
     for path in args.runs:
         net, meta = common.load_backbone(path, args.arch)
@@ -72,12 +328,16 @@ def run(args):
         if args.device.type == "cuda":  # as training: faster convolutions under bf16
             net = net.to(memory_format=torch.channels_last)
         frozen = copy.deepcopy(net.state_dict())
-        common.print0(f"{path}: {meta.get('method')} {meta.get('arch')} ({meta.get('stem')} stem), epoch {meta.get('epoch')}")
-        res = evaluate(net, data, args, size)
+        common.print0(f"{path}: {meta.get('method')} {meta.get('arch')} ({meta.get('stem')} stem), "
+                      f"epoch {meta.get('epoch')}")
+        seen = common.with_stats(data, (meta["mean"], meta["std"]) if meta.get("mean") else None)  # as trained
+        res = evaluate(net, seen, args, size)
         for k, v in net.state_dict().items():  # the probe must not touch the backbone (moco-v3 habit)
             assert torch.equal(v, frozen[k]), f"backbone changed during linear evaluation: {k}"
+        if args.finetune:
+            res.update(finetune(net, seen, args, size, subset))
         results[path] = res
-        common.print0(f"{path}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items() if v is not None))
+        common.print0(f"{path}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items() if v is not None))
     if common.is_main():
         report(results, args)
     common.finish({"dataset": args.dataset, "runs": results})
@@ -86,76 +346,108 @@ def run(args):
 def evaluate(net, data, args, size):
     """kNN, then the linear probe. Each rank holds its shard of the training features and all test features, both
     fp16: on ImageNet with ResNet-50 and 8 ranks 656 MB + 205 MB per rank instead of 2 x 10.5 GB of fp32 features.
-    Frozen forwards run under bf16 autocast on CUDA (fp32 on CPU); the head stays fp32, its cost is negligible."""
+    Frozen forwards run under bf16 autocast on CUDA (fp32 on CPU); the heads stay fp32, their cost is negligible."""
     dev, tr, te = args.device, data.knn_train, data.knn_val
     tr_f = common.extract_features(net, tr, size, data.mean, data.std, dev, workers=args.workers, shard=True,
                                    dtype=torch.float16)                                        # N_rank x D
-    y_tr = tr.labels[common.shard_rows(len(tr))].to(dev)
+    rows = common.shard_rows(len(tr))
+    y_tr = tr.labels[rows].to(dev)
     te_f = common.extract_features(net, te, size, data.mean, data.std, dev, workers=args.workers, dtype=torch.float16)
     C = int(max(tr.labels.max(), te.labels.max())) + 1
     knn1, knn5 = common.topk_accuracy(common.knn_classify(tr_f, y_tr, te_f, C), te.labels)
     res = {"knn_top1": knn1, "knn_top5": knn5}
-    if args.knn_only:
+    if args.knn_only or args.finetune:
         return res
-    if not args.precompute:  # the probe trains on augmented views: only the test features are needed from here on
-        del tr_f, y_tr
-    # BN without affine standardises the frozen features (as MAE's probe), so lr 10/30 works whatever their
-    # scale; at test time it is a fixed affine map folded into the linear layer: still a linear classifier.
-    head = nn.Sequential(nn.BatchNorm1d(net.out_dim, affine=False), nn.Linear(net.out_dim, C)).to(dev)
-    head[1].weight.data.normal_(0, 0.01)
-    head[1].bias.data.zero_()
-    ddp = nn.parallel.DistributedDataParallel(head, device_ids=[dev.index] if dev.type == "cuda" else None) \
-        if common.get_world() > 1 else head
-    opt = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.6 * args.epochs), int(0.8 * args.epochs)], 0.1)
-    best = 0.0
-    cuda, rank, world = dev.type == "cuda", common.get_rank(), common.get_world()
-    if not args.precompute:
-        views = common.RandomResizedCrops(1, (0.08, 1.0))
-        plain = common.Recipe(p_jitter=0.0, p_gray=0.0)
-        ds = common.ViewDataset(tr, views, [size], [plain], args.seed)
-        sampler = common.GlobalBatchSampler(len(ds), min(args.batch_size, len(ds)), args.seed, rank, world)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=cuda,
-                                             persistent_workers=args.workers > 0)
-        images = tr.images.to(dev) if tr.in_memory else None
-    else:  # local batches from this rank's shard: shards differ by at most one row, so steps x local <= every shard
-        local = min(args.batch_size, len(tr)) // world
-        steps = len(tr) // (local * world)
 
-    def frozen_features(batch):
-        with common.eval_autocast(dev):
-            return net(common.device_views(batch, images, data.mean, data.std, [size], dev, cuda)[0]).float()
+    s = probe_settings(args, size)
+    sweep, world, rank = args.protocol == "sweep", common.get_world(), common.get_rank()
+    held, train_rows = heldout_split(tr.labels, HELDOUT if sweep else 0.0, args.seed)
+    mine, held_mine = train_rows[rank].to(dev), held[rows].nonzero().squeeze(1).to(dev)
+    mean, std = feature_stats(tr_f, mine)
+    heads = LinearHeads(mean, std, C, len(s["lrs"])).to(dev)
+    held_f, held_y = tr_f[held_mine], y_tr[held_mine]
+    if args.precompute:  # local batches from this rank's training rows; every rank takes the same number of steps
+        local = min(s["batch_size"], int(held.numel() - held.sum())) // world
+        batch, steps = local * world, min(len(r) for r in train_rows) // max(local, 1)
+        if steps == 0:
+            raise common.UserError(f"--batch-size {s['batch_size']} leaves no full batch per process; lower it")
 
-    for epoch in range(args.epochs):
-        if args.precompute:
+        def batches(epoch):
             g = torch.Generator().manual_seed((args.seed * 1000 + epoch) * 1000 + rank)
-            perm = torch.randperm(len(tr_f), generator=g)[:steps * local].to(dev)
-            batches = ((tr_f[b].float(), y_tr[b]) for b in perm.split(local))
-        else:
-            ds.epoch.fill_(epoch)
-            sampler.set_epoch(epoch)
-            batches = ((frozen_features(b), b["label"].to(dev, non_blocking=True)) for b in loader)
-        for f, y in batches:
-            loss = F.cross_entropy(ddp(f), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-        if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
-            head.eval()
-            with torch.no_grad():
-                ranked = torch.cat([head(c.float()).topk(min(5, C), dim=1).indices for c in te_f.split(4096)])
-                top1, top5 = common.topk_accuracy(ranked, te.labels)
-            head.train()
-            best = max(best, top1)
-            common.print0(f"  linear epoch {epoch + 1}/{args.epochs}: loss {loss.item():.4f} top-1 {top1:.2f} top-5 {top5:.2f}")
-    res.update(linear_top1=top1, linear_top5=top5, linear_best_top1=best)
+            perm = mine[torch.randperm(len(mine), generator=g)[:steps * local].to(dev)]
+            return ((tr_f[b], y_tr[b]) for b in perm.split(local))
+    else:  # augmented views of the training rows: only the held-out and test features are needed from here on
+        del tr_f
+
+        @torch.no_grad()
+        def frozen(views):
+            with common.eval_autocast(dev):
+                return net(views).float()
+        train_src = select(tr, (~held).nonzero().squeeze(1))
+        batch = min(s["batch_size"], len(train_src)) // world * world
+        batches, steps = augmented_batches(train_src, size, batch, data, args, frozen)
+    n_held = int(held.sum())
+    common.print0(f"  linear probe ({args.protocol}): lr {' '.join(f'{lr:g}' for lr in s['lrs'])}, batch "
+                  f"{batch}, {s['epochs']} epochs ({s['schedule']}), {len(tr) - n_held} training images"
+                  + (f", {n_held} held out" if sweep else "") + (", precomputed features" if args.precompute else ""))
+
+    def progress(epoch, loss):
+        if (epoch + 1) % 10 == 0 or epoch + 1 == s["epochs"]:
+            line = f"  linear epoch {epoch + 1}/{s['epochs']}: loss " + " ".join(f"{v:.3f}" for v in loss.tolist())
+            if sweep:
+                line += " | held-out top-1 " + " ".join(f"{v:.1f}" for v in heads_top1(heads, held_f, held_y).tolist())
+            common.print0(line)
+    groups = [{"params": lin.parameters(), "lr": lr} for lin, lr in zip(heads.linears, s["lrs"])]
+    loss = train_sgd(heads, groups, batches, s["epochs"], steps, s["schedule"], on_epoch=progress)
+    heldout = heads_top1(heads, held_f, held_y) if sweep else None
+    h = choose_head(heldout, loss, C) if sweep else 0
+    heads.eval()
+    with torch.no_grad():   # the test set, once: the chosen head at its last epoch
+        ranked = torch.cat([heads(c)[:, h].topk(min(5, C), dim=1).indices for c in te_f.split(4096)])
+    top1, top5 = common.topk_accuracy(ranked, te.labels)
+    res.update(linear_top1=top1, linear_top5=top5, linear_lr=s["lrs"][h], linear_loss=loss[h].item(),
+               linear_heldout_top1=heldout[h].item() if sweep else None)
+    common.print0(f"  linear: lr {s['lrs'][h]:g}" + (f", held-out top-1 {heldout[h]:.2f}" if sweep else "")
+                  + f", training loss {loss[h]:.4f}: test top-1 {top1:.2f} top-5 {top5:.2f}")
     return res
+
+
+def finetune(net, data, args, size, subset):
+    """SimCLR App. B.5 on the labelled subset: backbone + new head in train mode, Nesterov SGD, cosine (our choice),
+    then test top-1/top-5 on centre crops. SyncBN on several GPUs (SimCLR's global BN); gloo keeps per-process BN."""
+    dev, world, tr, te = args.device, common.get_world(), data.knn_train, data.knn_val
+    src = select(tr, subset)
+    C = int(max(tr.labels.max(), te.labels.max())) + 1
+    bs = min(args.batch_size or FINETUNE["batch_size"], len(src))
+    bs -= bs % world
+    if bs == 0:
+        raise common.UserError(f"--labels {args.labels} gives {len(src)} images, fewer than the {world} processes")
+    epochs = args.finetune_epochs or (60 if len(src) <= 0.05 * len(tr) else 30)
+    lr = args.finetune_lr * bs / 256
+    model = FineTuned(net.train().requires_grad_(True), C).to(dev)
+    if world > 1 and dev.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    common.print0(f"  fine-tuning on {len(src)} labelled images ({args.labels}, {len(src) / len(tr):.1%} of "
+                  f"{len(tr)}): batch {bs}, lr {lr:.4g}, {epochs} epochs")
+    batches, steps = augmented_batches(src, size, bs, data, args, lambda views: views)
+
+    def progress(epoch, loss):
+        if (epoch + 1) % 10 == 0 or epoch + 1 == epochs:
+            common.print0(f"  finetune epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
+    train_sgd(model, [{"params": model.parameters(), "lr": lr}], batches, epochs, steps, "cosine", nesterov=True,
+              on_epoch=progress)
+    if world > 1:  # per-process BN (gloo) leaves each rank its own running statistics: evaluate with rank 0's
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+    logits = common.extract_features(model, te, size, data.mean, data.std, dev, workers=args.workers)  # eval mode
+    top1, top5 = common.topk_accuracy(logits.topk(min(5, C), dim=1).indices, te.labels)
+    return {"finetune_top1": top1, "finetune_top5": top5, "finetune_images": len(src)}
 
 
 def report(results, args):
     """Markdown table on stdout; with several runs also comparison.png."""
-    cols = ["linear_top1", "linear_top5", "knn_top1", "knn_top5"]
+    first = ["finetune_top1", "finetune_top5"] if args.finetune else ["linear_top1", "linear_top5"]
+    cols = first + ["knn_top1", "knn_top5"]
     print("| run | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for path, r in results.items():
         print(f"| {path} | " + " | ".join(f"{r[c]:.2f}" if r.get(c) is not None else "-" for c in cols) + " |")
@@ -166,7 +458,7 @@ def report(results, args):
         names = [os.path.basename(os.path.normpath(p)) for p in results]
         fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.2))
         w = 0.38
-        for j, c in enumerate(["linear_top1", "knn_top1"]):
+        for j, c in enumerate([first[0], "knn_top1"]):
             vals = [r.get(c) or 0 for r in results.values()]
             ax.bar([i + (j - 0.5) * w for i in range(len(names))], vals, w, label=c)
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)

@@ -225,6 +225,10 @@ DEFAULTS = {
     "folder": {**_LARGE, "arch": "resnet34", "stem": "auto"},  # the imagenet100 row; stem by image side
 }
 
+# Normalisation: [official code] loader.py (load_datasets, load_eval_datasets) normalises CIFAR-10 with CIFAR_COMMON
+# and ImageNet-100 with the ImageNet constants (load_data's default); it has no other dataset.
+NORM_STATS = {"cifar10": common.CIFAR_COMMON}
+
 
 def parse(argv=None):
     p = common.base_parser(__doc__)
@@ -352,7 +356,7 @@ def plot_affinity(args, data, setup, ckpt, path, batches=8):
 
 def run(args):
     common.seed_everything(args.seed)
-    data = common.load_data(args)
+    data = common.with_stats(common.load_data(args), NORM_STATS.get(args.dataset))  # the code's loader.py
     common.resolve_data(args, data)
     setup = build(args, data)
     if args.show_views:

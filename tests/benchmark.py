@@ -40,12 +40,13 @@ def load(name, extra, device):
     """A method's args, data and Setup, built as its own script builds them."""
     if name in FRAMEWORKS:
         args, build = common.parse_base(["--framework", name] + extra), common.build_base
+        norm = common.BASE_NORM_STATS.get(name, {})
     else:
         mod = importlib.import_module(name)
-        args, build = mod.parse(extra), mod.build
+        args, build, norm = mod.parse(extra), mod.build, getattr(mod, "NORM_STATS", {})
     args.device = device
     common.seed_everything(args.seed)
-    data = common.load_data(args)
+    data = common.with_stats(common.load_data(args), norm.get(args.dataset))  # as the script's run()
     common.resolve_data(args, data)
     return args, data, build(args, data)
 

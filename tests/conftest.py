@@ -86,18 +86,23 @@ def assert_same_update(prev, one, two, rel=1e-3):
         b for _, b in sorted(bad, reverse=True)[:3])
 
 
-def last_step_both_ways(script, args, steps, root, nproc_two=2, runner=None):
+def last_step_both_ways(script, args, steps, root, nproc_two=2, runner=None, results=None):
     """Train `steps - 1` steps in one process (split-BN over 2 chunks stands in for 2 processes), then take the last
     step from that same checkpoint twice: in one process, and in `nproc_two` processes. Returns the three models
-    (prev, one, two). Starting both from one state makes the comparison one step's noise (see assert_same_update)."""
+    (prev, one, two); `results`, a list, receives the three runs' Results. Starting both from one state makes the
+    comparison one step's noise (see assert_same_update)."""
     root = Path(root)
+    runs = [] if results is None else results
     r = run_cli(script, *args, "--bn-splits", "2", "--max-steps", steps - 1, "--out", root / "prev")
+    runs.append(r)
     assert r.rc == 0 and r.json["steps"] == steps - 1, r.err[-3000:]
     for d in ("one", "two"):
         shutil.copytree(root / "prev", root / d)
     r = run_cli(script, *args, "--bn-splits", "2", "--max-steps", steps, "--out", root / "one")
+    runs.append(r)
     assert r.rc == 0 and r.json["steps"] == steps, r.err[-3000:]
     r = (runner or run_cli)(script, *args, "--max-steps", steps, "--out", root / "two", nproc=nproc_two)
+    runs.append(r)
     assert r.rc == 0 and r.json["steps"] == steps, r.err[-3000:]
     return tuple(load_model(root / d) for d in ("prev", "one", "two"))
 

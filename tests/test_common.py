@@ -318,10 +318,14 @@ def test_two_processes_equal_one(fw, tmp_path):
     gloo processes on the global batch == a step of 1 process whose split-BN simulates the 2 devices (step 4: the
     MoCo queue has wrapped once)."""
     args = [*TINY, "--framework", fw, "--queue-size", "64", "--stem", "cifar", "--lr", "0.03", "--epochs", "2"]
-    prev, one, two = last_step_both_ways("common.py", args, 4, tmp_path)
+    runs = []
+    prev, one, two = last_step_both_ways("common.py", args, 4, tmp_path, results=runs)
     assert_same_update(prev, one, two)
     if fw == "mocov2":
         assert one["queue.ptr"].item() == two["queue.ptr"].item() == 0   # 4 steps x 16 keys, K = 64
+        # MoCo's default --bn-splits 8 does not apply to 2 processes: said, not ignored silently
+        assert "note: --bn-splits 8 applies to one process only; here each of the 2 processes normalises its own 8 " \
+               "images" in runs[-1].out
 
 
 def test_resume_continues_exactly(tmp_path):
