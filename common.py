@@ -1122,9 +1122,10 @@ class SimSiam(nn.Module):
         return simsiam_loss(self.predictor(z1), self.predictor(z2), z1, z2), {}
 
 
-# Each paper's constants, and what a small dataset (CIFAR-sized images, ~1k steps) needs instead: MoCo's official
-# CIFAR demo (K 4096, m 0.99, t 0.1) and solo-learn's CIFAR BYOL (m 0.99 -> 1). A 1k-step run cannot wait for an
-# EMA with a 1,000-step horizon (m 0.999) or a queue of 65,536 keys (more than the data).
+# Each paper's (ImageNet) constants, and what small datasets (CIFAR-sized images) use instead: MoCo's official CIFAR
+# demo (K 4096, m 0.99, t 0.1) and solo-learn's CIFAR BYOL (m 0.99 -> 1). A queue of 65,536 keys would exceed a
+# 10k-50k-image dataset (an image's own older keys become its negatives), and a short run cannot wait for an EMA
+# with a 1,000-step horizon (m 0.999).
 PAPER = {"simclr": dict(temperature=0.5), "mocov2": dict(temperature=0.2, queue_size=65536, ema=0.999),
          "byol": dict(ema=0.996), "simsiam": {}}
 SMALL_DATA = {**PAPER, "mocov2": dict(temperature=0.1, queue_size=4096, ema=0.99), "byol": dict(ema=0.99)}
@@ -1134,8 +1135,8 @@ def build_framework(name, backbone, imagenet, args, contrastive_crop=False):
     """One of the four base frameworks with the heads of ContrastiveCrop's table (spec sec. 3-4) and each paper's
     constants. SimCLR follows its paper (loss x 1, BN in the head) unless contrastive_crop: then ContrastiveCrop's
     code (loss x t/0.07, no BN in the head). BYOL's target momentum rises from --ema to 1 on a cosine (BYOL Sec.
-    3.2; ContrastiveCrop: fixed). Small data (not imagenet, ~1k steps): the shorter EMA horizons and the sized
-    queue of SMALL_DATA (MoCo's CIFAR demo, solo-learn's CIFAR BYOL) unless contrastive_crop keeps its table."""
+    3.2; ContrastiveCrop: fixed). Small data (not imagenet): the shorter EMA horizons and the sized queue of
+    SMALL_DATA (MoCo's CIFAR demo, solo-learn's CIFAR BYOL) unless contrastive_crop keeps its table."""
     dims = _head_dims(backbone.out_dim, name, imagenet)
     c = SMALL_DATA[name] if not imagenet and not contrastive_crop else PAPER[name]
     t = args.temperature or c.get("temperature")
