@@ -75,8 +75,10 @@ def test_small_data_constants_and_the_papers():
     """~1k steps on 10k images: MoCo's CIFAR demo constants; ImageNet-sized data: the MoCo-v2 paper's."""
     moco = build("mocov2")
     assert (moco.temperature, len(moco.queue.queue), moco.momentum) == (0.1, 4096, 0.99)
+    assert any(isinstance(m, nn.BatchNorm1d) for m in moco.encoder_q.head)      # our choice on small data
     moco = build("mocov2", "--queue-size", "512", imagenet=True)
     assert (moco.temperature, len(moco.queue.queue), moco.momentum) == (0.2, 512, 0.999)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in moco.encoder_q.head)  # MoCo-v2's head
 
 
 # ---------------------------------------------------------------- --bn-splits made explicit
