@@ -272,8 +272,12 @@ class Source:
     def subset(self, n, spread=False):
         """The first n images, or with spread=True n evenly spaced ones (an ImageFolder lists its files by class)."""
         idx = torch.linspace(0, len(self) - 1, min(n, len(self))).round().long() if spread else torch.arange(min(n, len(self)))
+        return self.rows(idx)
+
+    def rows(self, idx):
+        """The images idx (a 1-D index tensor) with their labels, as a new Source."""
         return Source(self.labels[idx], None if self.images is None else self.images[idx],
-                      None if self.files is None else [self.files[i] for i in idx], self.classes, self.name)
+                      None if self.files is None else [self.files[i] for i in idx.tolist()], self.classes, self.name)
 
 
 def _open_rgb(path):

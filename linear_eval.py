@@ -174,13 +174,6 @@ def labelled_subset(source, labels_arg, seed):
     return named_subset(source, labels_arg)
 
 
-def select(source, idx):
-    """The rows idx of a Source (images, files and labels)."""
-    return common.Source(source.labels[idx], None if source.images is None else source.images[idx],
-                         None if source.files is None else [source.files[i] for i in idx.tolist()],
-                         source.classes, source.name)
-
-
 # ================================================================ heads and their training
 
 class LinearHeads(nn.Module):
@@ -383,7 +376,7 @@ def evaluate(net, data, args, size):
         def frozen(views):
             with common.eval_autocast(dev):
                 return net(views).float()
-        train_src = select(tr, (~held).nonzero().squeeze(1))
+        train_src = tr.rows((~held).nonzero().squeeze(1))
         batch = min(s["batch_size"], len(train_src)) // world * world
         batches, steps = augmented_batches(train_src, size, batch, data, args, frozen)
     n_held = int(held.sum())
@@ -416,7 +409,7 @@ def finetune(net, data, args, size, subset):
     """SimCLR App. B.5 on the labelled subset: backbone + new head in train mode, Nesterov SGD, cosine (our choice),
     then test top-1/top-5 on centre crops. SyncBN on several GPUs (SimCLR's global BN); gloo keeps per-process BN."""
     dev, world, tr, te = args.device, common.get_world(), data.knn_train, data.knn_val
-    src = select(tr, subset)
+    src = tr.rows(subset)
     C = int(max(tr.labels.max(), te.labels.max())) + 1
     bs = min(args.batch_size or FINETUNE["batch_size"], len(src))
     bs -= bs % world
