@@ -8,7 +8,7 @@ each anchor i those of its k nearest neighbours that lie in i's cluster *and* cl
 query must match the anchor's key and j's key in proportion to their pixel shares, a soft positive. Extra
 lower-resolution queries of the anchor add scale invariance (multi-resolution, MR); all InfoNCE terms are averaged.
 
-Paper -> code (tags and equations follow specs/clim.md):
+Paper -> code (the notation of the paper's Sec. 3):
   l(u, v) against the queue (MoCo InfoNCE)  -> nce (= common.info_nce)
   L_mix = mean lam l(q~, k) + (1 - lam) l(q~, k~) -> mix_nce
   L = (L_ins + L_mix + sum_s L_s) / (2 + |S|) -> total_loss
@@ -42,6 +42,7 @@ BLOCK = 2 ** 28  # most entries of one similarity block (kNN, k-means): 1 GiB in
 nce = common.info_nce  # l(u, v) averaged over the batch: CE([u.v, u.Q^T] / tau, 0); logits B x (1+K). L_ins, L_s
 
 
+@common.fp32
 def mix_nce(q_mix, k, k_n, lam, queue, temperature):
     """L_mix = mean_b [lam_b l(q~_b, k_b) + (1 - lam_b) l(q~_b, k~_b)]; both terms share the negatives q~ Q^T.
     q_mix, k, k_n: B x D unit rows; lam: B; queue: K x D. k, k~, lam and the queue carry no gradient."""
@@ -116,7 +117,7 @@ def neighbour_sources(table, index, rng):
     return [index, cands[rng.randrange(len(cands))]] if cands else [index]
 
 
-# ================================================================ center-wise local selection (spec Sec. 3)
+# ================================================================ center-wise local selection (paper Sec. 3)
 
 def selects_at(epoch, start, every):
     """Selection schedule: a pass at start, start + every, ... (0-based epochs; random-init neighbours are noise)."""
@@ -126,9 +127,8 @@ def selects_at(epoch, start, every):
 @torch.no_grad()
 def embed_bank(encoder, data, size, device, workers=0):
     """Z: f_k in eval mode on the un-augmented training images, fp32, unit rows, in dataset-index order. Each rank
-    encodes its shard (common.extract_features); f_k's BN statistics are averaged over ranks first (common.rank_mean_bn_stats)."""
-    with common.rank_mean_bn_stats(encoder):
-        z = common.extract_features(encoder, data.train, size, data.mean, data.std, device, workers=workers)
+    encodes its shard and f_k's BN statistics are averaged over ranks first (common.extract_features)."""
+    z = common.extract_features(encoder, data.train, size, data.mean, data.std, device, workers=workers)
     return F.normalize(z.float(), dim=1)
 
 
@@ -219,7 +219,7 @@ def selection_stats(table, labels=None):
     return stats
 
 
-class NeighbourSelection:
+class NeighbourSelection(common.State):
     """Selection state outside the DDP module (never buffers: DDP would broadcast them): the shared int32 table T
     (N x k, -1 padded) the workers read, assignments a, centres C, the last pass's epoch. Saved in the checkpoint."""
 
@@ -250,7 +250,8 @@ class NeighbourSelection:
                       + (f", label agreement {100 * s['label_agreement']:.1f}%" if "label_agreement" in s else "")
                       + f" ({self.args.select}, M {self.clusters}, k {self.args.knn}; {time.time() - t0:.1f} s)")
         if common.is_main():
-            draw_selection(os.path.join(self.args.out, f"selection_e{epoch:04d}.png"), self.data, res, epoch, self.args.seed)
+            draw_selection(os.path.join(self.args.out, f"selection_e{epoch:04d}.png"), self.data, res, epoch,
+                           self.args.seed)
 
     def config(self):
         return [self.clusters, self.args.knn, self.args.select]
@@ -316,12 +317,14 @@ SMALL = dict(arch="resnet18", stem="auto", epochs=500, batch_size=512, lr=0.03, 
 LARGE = dict(SMALL, arch="resnet50", stem="imagenet", epochs=200, batch_size=256, wd=1e-4, queue_size=65536,
              clusters=10000, resolutions=[160, 128, 96])
 DEFAULTS = {
-    "cifar10": SMALL,                            # [base method] MoCo-v2 at 32 px (lr 0.03/256, wd 5e-4); M, S [our choice]
+    # [base method] MoCo-v2 at 32 px (lr 0.03/256, wd 5e-4); M, S [our choice]
+    "cifar10": SMALL,
     "cifar100": SMALL,                           # [our choice] the cifar10 row
     "stl10": dict(SMALL, resolutions=[64, 48]),  # [our choice] 96 px, train+unlabeled
     "tinyimagenet": dict(SMALL, resolutions=[48, 32]),         # [our choice] 64 px
     "imagenet100": dict(LARGE, queue_size=16384, clusters=1000),  # [our choice] K and M scaled to 126k images
-    "imagenet": LARGE,                           # [base method] MoCo-v2 ImageNet recipe; M 10000 as CSML's clustering.py
+    # [base method] MoCo-v2 ImageNet recipe; M 10000 as CSML's clustering.py
+    "imagenet": LARGE,
     "folder": dict(LARGE, clusters="auto", resolutions="auto"),  # imagenet row; M = N/100 (10..10000), S x S0/224
     "synthetic": SMALL,                          # the cifar10 row
 }
@@ -351,9 +354,8 @@ def parse(argv=None):
       "(CIFAR 24 16, STL-10 64 48, Tiny 48 32, ImageNet 160 128 96; --baseline: none unless given)")
     argv = sys.argv[1:] if argv is None else argv
     raw = p.parse_known_args(argv)[0]
-    method = "clim-baseline" if raw.baseline else "clim"
-    args = common.parse(p, DEFAULTS, method, argv)
-    args.method = method
+    args = common.parse(p, DEFAULTS, "clim", argv)
+    args.framework = "mocov2"  # --baseline: MoCo-v2 (CLIM's base), no selection, no mixing
     if raw.baseline and raw.resolutions is None:
         args.resolutions = []
     elif args.resolutions != "auto":
@@ -387,19 +389,18 @@ def build(args, data):
                                f"use about N/100 clusters (e.g. --clusters {max(1, n // 100)})")
     names = view_names(args.baseline, args.mix, res)
     sizes = [size] * (len(names) - len(res)) + list(res)
-    recipes = [common.mocov2_recipe(blur=size > 32)] * len(names)  # MoCo-v2 aug+; no blur at CIFAR size
-    model = CLIM(common.build_backbone(args.arch, args.stem), names, args.queue_size, args.temperature, args.ema, args.mix)
+    recipes = [common.mocov2_recipe(blur=common.blurs("clim", size))] * len(names)  # MoCo-v2 aug+
+    model = CLIM(common.build_backbone(args.arch, args.stem), names, args.queue_size, args.temperature, args.ema,
+                 args.mix)
     common.print0(f"{args.method}: views {' '.join(f'{n}@{s}' for n, s in zip(names, sizes))}; K {args.queue_size}, "
                   f"tau {args.temperature}, m {args.ema}" + ("" if args.baseline else
                   f"; selection {args.select} (M {clusters}, k {args.knn}) at epoch {args.select_start} then every "
                   f"{args.select_every}; mix {args.mix} (alpha {args.mix_alpha})"))
     if args.baseline:
-        return common.Setup(model, CLIMViews(names), sizes, recipes, {})
+        return common.Setup(model, common.Views(CLIMViews(names), sizes, recipes))
     sel = NeighbourSelection(args, data, model, size, clusters)
-    return common.Setup(model, CLIMViews(names), sizes, recipes,
-                        dict(sources_fn=sel.sources, extra_fn=None if args.mix == "none" else
-                             functools.partial(mix_params, size, args.mix_alpha),
-                             before_epoch=sel.before_epoch, extra_state=sel))
+    mix = None if args.mix == "none" else functools.partial(mix_params, size, args.mix_alpha)
+    return common.Setup(model, common.Views(CLIMViews(names), sizes, recipes, sel.sources, mix), sel)
 
 
 # ================================================================ figures
@@ -409,7 +410,8 @@ def _img(data, i):
 
 
 def draw_selection(path, data, res, epoch, seed, n=6):
-    """selection_eXXXX.png: anchors (cluster, s_i), their candidates (cosine, s_j; grey = -1), the most central image."""
+    """selection_eXXXX.png: anchors (cluster, s_i), their candidates (cosine, s_j; grey = -1),
+    the most central image."""
     table, assign, central, z, centres = (res[k] for k in ("table", "assign", "central", "z", "centres"))
     table = table.cpu()                                                          # z stays on the device (N x 128)
     has = (table[:, 0] >= 0).nonzero().flatten().tolist()
@@ -428,10 +430,10 @@ def draw_selection(path, data, res, epoch, seed, n=6):
 
 def draw_views(path, args, data, setup, epoch, n=4):
     """views.png: anchor and neighbour sources with their boxes, x_q, x_n, x_mix (pasted box, lambda), each x_s."""
-    kw, names, sizes = setup.fit_kwargs, setup.model.names, setup.sizes
-    ds = common.ViewDataset(data.train, setup.views_fn, sizes, setup.recipes, args.seed, kw["sources_fn"], kw["extra_fn"])
+    names, sizes = setup.model.names, setup.views.sizes
+    ds = common.ViewDataset(data.train, setup.views, args.seed)
     ds.epoch.fill_(epoch)
-    table = kw["extra_state"].table
+    table = setup.state.table
     has = (table[:, 0] >= 0).nonzero().flatten().tolist()
     idx = random.Random(args.seed).sample(has if len(has) >= n else range(len(ds)), min(n, len(ds)))
     batch = torch.utils.data.default_collate([ds[i] for i in idx])
@@ -453,52 +455,38 @@ def draw_views(path, args, data, setup, epoch, n=4):
             y1, x1, y2, x2 = pasted[r].tolist() if pasted is not None else (0, 0, 0, 0)
             bx = [(y1, x1, y2 - y1, x2 - x1, "white", "")] if y2 > y1 else []
             row.append({"img": show(x_mix[r]), "title": f"x_mix ({args.mix}) λ={lam[r]:.2f}", "boxes": bx})
-        rows.append(row + [{"img": show(v[m][r]), "title": f"{m} ({s} px)"} for m, s in zip(names, sizes) if m.startswith("x_s")])
+        rows.append(row + [{"img": show(v[m][r]), "title": f"{m} ({s} px)"} for m, s in zip(names, sizes)
+                           if m.startswith("x_s")])
     common.save_figure_grid(rows, path, f"CLIM views at epoch {epoch} (select {args.select}, mix {args.mix})")
 
 
-def show_views(args, data, setup):
+def show_views(args, data, setup, path):
     """Figures without training: the checkpoint in --out (if any) supplies f_k and the epoch; one selection pass
     with that f_k fills the table (collective: every rank runs it) and is drawn. Nothing is saved."""
-    out = {"method": args.method, "dataset": args.dataset, "views": os.path.join(args.out, "views.png")}
-    os.makedirs(args.out, exist_ok=True)
     if args.baseline:
         if common.is_main():
-            common.show_views(args, data, setup.views_fn, setup.sizes, setup.recipes, out["views"],
-                              title="clim --baseline (MoCo-v2): x_q, x_k" + (" + MR queries" if args.resolutions else ""))
-        return out
-    sel, epoch = setup.fit_kwargs["extra_state"], 0
-    ckpt = os.path.join(args.out, "checkpoint.pth")
+            common.show_views(args, data, setup.views, path,
+                              title="clim --baseline (MoCo-v2): x_q, x_k"
+                              + (" + MR queries" if args.resolutions else ""))
+        return {}
+    out, epoch, ckpt = {}, 0, os.path.join(args.out, "checkpoint.pth")
     if os.path.exists(ckpt):
         ck = common.load_checkpoint(ckpt, args, args.method, len(data.train) // args.batch_size)
-        setup.model.load_state_dict(ck["model"])
+        common.restore(ck, model=setup.model)
         epoch = ck["step"] // ck["steps_per_epoch"]
     setup.model.to(args.device)
     if args.select != "none":
-        sel.select(epoch)
+        setup.state.select(epoch)
         out["selection"] = os.path.join(args.out, f"selection_e{epoch:04d}.png")
     if common.is_main():
-        draw_views(out["views"], args, data, setup, epoch)
+        draw_views(path, args, data, setup, epoch)
     return out
 
 
 # ================================================================ main
 
-def run(args):
-    common.seed_everything(args.seed)
-    data = common.load_data(args)
-    common.resolve_data(args, data)
-    setup = build(args, data)
-    if args.show_views:
-        common.finish(show_views(args, data, setup))
-        return
-    summary, _ = common.fit(args, setup.model, data, setup.views_fn, setup.sizes, setup.recipes, method=args.method,
-                            **setup.fit_kwargs)
-    common.finish(summary)
-
-
 def main(argv=None):
-    common.launch(run, parse(argv))
+    common.main(parse, build, show_views, None, argv)  # the official code normalises with the ImageNet constants
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def build_trunk(arch, stem, rf_layout=None, rf_mlp=True):
     trunk = common.build_backbone(base, stem, rf_layout=layout, rf_mlp=rf_mlp)
     rf, stride = receptive_field(trunk)
     if stem != paper_stem or layout != paper_layout:
-        warnings.warn(f"{arch} with the {stem} stem and layout {layout} has a receptive field of {rf} px (stride {stride}), "
+        warnings.warn(f"{arch} with the {stem} stem and layout {layout} has a receptive field of {rf} px "
+                      f"(stride {stride}), "
                       f"not the paper's {paper_rf} px ({paper_stem} stem, layout {paper_layout})", stacklevel=2)
     return trunk
 
@@ -120,7 +121,7 @@ def conv_mlp(dims):
     return nn.Sequential(*layers)
 
 
-class COBYOL(nn.Module):
+class COBYOL(common.Model):
     """Online: trunk (+ RF MLP), g, q, and local g2, q2. Target (EMA, train-mode BN, no grad): trunk, MLP, g, g2.
     local_weight 0 builds no local heads and is BYOL; shared_head applies g, q at every position (target z')."""
     sync_bn = True
@@ -145,7 +146,8 @@ class COBYOL(nn.Module):
         return self.online.trunk
 
     def predict(self, fmap):
-        """Online heads on the pre-pool map F [B,C,h,w] -> global prediction p [B,256], local predictions P [B,256,n,n]."""
+        """Online heads on the pre-pool map F [B,C,h,w] -> global prediction p [B,256],
+        local predictions P [B,256,n,n]."""
         y = self.online.trunk.fc(fmap.mean((2, 3)))                                      # global representation
         p = self.predictor(self.online.projector(y))
         if self.local_weight == 0:
@@ -159,7 +161,8 @@ class COBYOL(nn.Module):
 
     @torch.no_grad()
     def targets(self, x):
-        """Target pass -> global target z' [B,256] and local target t [B,256] (reading A: g2_xi of the pooled target)."""
+        """Target pass -> global target z' [B,256] and local target t [B,256]
+        (reading A: g2_xi of the pooled target)."""
         y = self.target.trunk(x)                                                         # MLP(mean_ij F'), B x C
         z = self.target.projector(y)
         if self.local_heads and self.local_target == "local":
@@ -189,8 +192,9 @@ class COBYOL(nn.Module):
         return 1 - local_distance(P1, t2) / 2, 1 - local_distance(P2, t1) / 2
 
 
-class Monitor:
-    """Epoch logs beyond fit's: the EMA tau and, for RF archs, kNN on the pooled map F (backbone kNN is on y = MLP(F))."""
+class Monitor(common.State):
+    """Epoch logs beyond fit's: the EMA tau and, for RF archs, kNN on the pooled map F
+    (backbone kNN is on y = MLP(F))."""
 
     def __init__(self, model, args, data, size):
         self.model, self.args, self.data, self.size, self.epochs_done = model, args, data, size, 0
@@ -240,17 +244,18 @@ def parse(argv=None):
     a = p.add_argument
     a("--framework", default="byol", choices=["byol", "mocov3", "dino"], help="base framework: byol (CO-BYOL); "
       "mocov3 (CO-MoCoV3) and dino (CO-DINO) are planned, not implemented yet")
-    a("--local-weight", type=float, default=0.3, help="w_s in L = (1 - w_s) L_global + w_s L_local: 0.3 (paper: 0.2-0.5 "
-      "work); 0 is BYOL")
+    a("--local-weight", type=float, default=0.3, help="w_s in L = (1 - w_s) L_global + w_s L_local: 0.3 (paper: "
+      "0.2-0.5 work); 0 is BYOL")
     a("--local-target", default="local", choices=["local", "global"], help="target of the local predictions: local = "
       "g2_xi(pooled target) (default), global = z' of the global head")
-    a("--local-grid", type=int, default=0, help="0: every position of the final map is a local rep; n > 0: average-pool "
-      "the map to n x n first (ablation 1, 2, 4)")
+    a("--local-grid", type=int, default=0, help="0: every position of the final map is a local rep; n > 0: "
+      "average-pool the map to n x n first (ablation 1, 2, 4)")
     a("--crop-min-scale", type=float, default=0.08, help="RandomResizedCrop min area fraction (0.08; the paper sweeps "
       "0.08-0.7, best rises as the receptive field shrinks)")
     a("--pred-hidden", type=int, default=None, help="hidden width of both predictors (4096; 8192 on ImageNet-100)")
     a("--tau-base", type=float, default=0.99, help="EMA tau at step 0, cosine to 1 at the end (BYOL: 0.99)")
-    a("--rf-layout", default=None, help="rf archs: leading 3x3 convs kept per stage, e.g. 2,2,2,0 (default: the arch's)")
+    a("--rf-layout", default=None, help="rf archs: leading 3x3 convs kept per stage, e.g. 2,2,2,0 "
+      "(default: the arch's)")
     a("--no-rf-mlp", action="store_true", help="rf archs: no MLP after pooling (y = pooled map)")
     a("--shared-head", action="store_true", help="ablation: apply g, q at every position (no g2, q2; target z')")
     a("--ckpt", default=None, help="--show-views: checkpoint.pth for the heat maps (default: the one in --out)")
@@ -276,7 +281,8 @@ def parse(argv=None):
 
 def build(args, data):
     if args.framework != "byol":
-        raise common.UserError(f"--framework {args.framework} is not implemented yet (only CO-BYOL is); use --framework byol")
+        raise common.UserError(f"--framework {args.framework} is not implemented yet (only CO-BYOL is); "
+                               "use --framework byol")
     if args.batch_size // (common.get_world() * args.bn_splits) < 2:
         raise common.UserError("the target's g2_xi normalises B pooled vectors: give every process (or BN split) "
                                "at least 2 images via --batch-size")
@@ -291,13 +297,15 @@ def build(args, data):
     model = COBYOL(trunk, args.pred_hidden, args.local_weight, args.local_target, args.local_grid, args.shared_head,
                    args.tau_base)
     views = common.two_views((args.crop_min_scale, 1.0))   # two independent RandomResizedCrops, flip 0.5
-    recipes = list(common.byol_recipes(blur=size > 32))    # blur 1.0/0.1 (none at 32 px), solarize 0/0.2
-    return common.Setup(model, views, [size, size], recipes, dict(extra_state=Monitor(model, args, data, size)))
+    recipes = list(common.byol_recipes(blur=common.blurs("co_ssl", size)))  # blur 1.0/0.1, solarize 0/0.2
+    return common.Setup(model, common.Views(views, [size, size], recipes), Monitor(model, args, data, size))
 
 
 def show_views(args, data, setup, path, n=6):
-    """One row per image: source with both boxes, view 1, view 2, and per view the heat map of cos(P_v[:, i, j], t_other)
-    of a checkpoint (eval mode) over the view, with the centre cell's receptive field for rf archs."""
+    """One row per image: source with both boxes, view 1, view 2, and per view the heat map of cos(P_v[:, i, j],
+    t_other) of a checkpoint (eval mode) over the view, with the centre cell's receptive field for rf archs."""
+    if not common.is_main():
+        return {}
     from matplotlib.patches import Rectangle
     model, ckpt = setup.model, args.ckpt or os.path.join(args.out, "checkpoint.pth")
     if args.ckpt and not os.path.exists(ckpt):
@@ -307,22 +315,24 @@ def show_views(args, data, setup, path, n=6):
         try:
             model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
         except (KeyError, RuntimeError) as e:
-            raise common.UserError(f"{ckpt} does not fit this model ({type(e).__name__}); pass the flags it was trained "
-                                   "with (--arch, --baseline, --local-*, --pred-hidden) or another --ckpt")
-    ds = common.ViewDataset(data.train, setup.views_fn, setup.sizes, setup.recipes, args.seed)
+            raise common.UserError(f"{ckpt} does not fit this model ({type(e).__name__}); pass the flags it was "
+                                   "trained with (--arch, --baseline, --local-*, --pred-hidden) or another --ckpt")
+    ds = common.ViewDataset(data.train, setup.views, args.seed)
     idx = random.Random(args.seed).sample(range(len(ds)), min(n, len(ds)))
     batch = torch.utils.data.default_collate([ds[i] for i in idx])
     views = common.device_views(batch, data.train.images if data.train.in_memory else None, data.mean, data.std,
-                                setup.sizes, torch.device("cpu"))
+                                setup.views.sizes, torch.device("cpu"))
     maps = model.eval().heat_maps(views) if loaded and model.local_weight > 0 else None
     rf, stride, pad = rf_geometry(model.backbone)
     show_rf = args.arch in RF_ARCHS and not args.local_grid
-    why = "baseline:\nno local heads" if model.local_weight == 0 else "no checkpoint\nin --out: train\nfirst or pass --ckpt"
+    why = ("baseline:\nno local heads" if model.local_weight == 0
+           else "no checkpoint\nin --out: train\nfirst or pass --ckpt")
 
     def heat(img, m):  # the cosine map nearest-upsampled over its view, or a note saying why there is none
         def draw(ax):
             if m is None:
-                return ax.axis("off"), ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=7, transform=ax.transAxes, in_layout=False)
+                return ax.axis("off"), ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=7,
+                                               transform=ax.transAxes, in_layout=False)
             S, (h, w) = img.shape[0], m.shape
             ax.imshow(img)
             im = ax.imshow(m.numpy(), cmap="coolwarm", vmin=-1, vmax=1, alpha=0.6, interpolation="nearest",
@@ -339,7 +349,7 @@ def show_views(args, data, setup, path, n=6):
         imgs = [common.denormalize(views[k][r], data.mean, data.std) for k in range(2)]
         boxes = [(*batch["boxes"][r, k].tolist(), c, f"v{k + 1}") for k, c in enumerate(["lime", "red"])]
         rows.append([{"img": np.asarray(data.train.pil(i)) / 255.0, "title": f"image {i}", "boxes": boxes}]
-                    + [{"img": imgs[k], "title": f"view {k + 1} ({setup.sizes[k]} px)"} for k in range(2)]
+                    + [{"img": imgs[k], "title": f"view {k + 1} ({setup.views.sizes[k]} px)"} for k in range(2)]
                     + [{"draw": heat(imgs[k], maps and maps[k][r]), "title": f"cos(P{k + 1}, t{2 - k})"
                         + (f", mean {maps[k][r].mean():.2f}" if maps else "")} for k in range(2)])
     common.save_figure_grid(rows, path, f"CO-SSL ({args.arch}): two views; local-to-global cosine" + (
@@ -347,25 +357,8 @@ def show_views(args, data, setup, path, n=6):
     return {"checkpoint": ckpt if loaded else None, "mean_local_cos": [m.mean().item() for m in maps] if maps else None}
 
 
-def run(args):
-    common.seed_everything(args.seed)
-    data = common.load_data(args)
-    common.resolve_data(args, data)
-    setup = build(args, data)
-    method = "co_ssl-baseline" if args.baseline else "co_ssl"
-    if args.show_views:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "views.png")
-        info = show_views(args, data, setup, path) if common.is_main() else {}
-        common.finish({"method": method, "views": path, **info})
-        return
-    summary, _ = common.fit(args, setup.model, data, setup.views_fn, setup.sizes, setup.recipes, method=method,
-                            **setup.fit_kwargs)
-    common.finish(summary)
-
-
 def main(argv=None):
-    common.launch(run, parse(argv))
+    common.main(parse, build, show_views, None, argv)  # solo-learn normalises with the ImageNet constants everywhere
 
 
 if __name__ == "__main__":

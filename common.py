@@ -5,14 +5,28 @@ Sections, in the order a training run uses them:
   4. base frameworks          5. training loop         6. evaluation (kNN)
   7. checkpoints and export   8. plots                 9. command line
 
+The training contract: a method script is parse(argv) -> args, build(args, data) -> Setup, and
+common.main(parse, build, show). Setup(model, views, state=None, lr_floor=0.0, lr_per_epoch=False):
+  views  Views(crops, sizes, recipes, sources=None, extra=None): crops(index, hw, rng) -> one Crop box per view, a
+         module-level class (spawned workers pickle it); ViewDataset and device_views turn it into tensors.
+  model  a common.Model: forward(views, batch) -> (loss, logs); .backbone (kNN, backbone.pth); .sync_bn;
+         .param_groups(); .after_step() after each optimizer step; .progress = step / total, set before each step.
+  state  optional method state outside the model: before_epoch(epoch), epoch_logs() -> dict, state_dict() and
+         load_state_dict() (checkpointed under "state").
+fit() = set-up, resume and epochs; train_one_epoch() = the step; end_of_epoch() = log, kNN, checkpoint. A checkpoint
+is save(path, **named objects) and restore(checkpoint, **named objects): nothing is kept by a hand-written list.
+
 Run as a script it pretrains one of the four base frameworks (SimCLR, MoCo-v2, BYOL, SimSiam):
     python common.py --framework simclr --dataset synthetic --epochs 2 --stem imagenet   # CPU smoke
     python common.py --framework mocov2 --dataset cifar10 --data DIR --download --gpus 1
     python common.py --framework byol --dataset imagenet --data DIR --gpus 8
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 common.py --framework mocov2 --dataset imagenet --data DIR
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 common.py --framework mocov2 \\
+        --dataset imagenet --data DIR
 """
-import argparse, contextlib, copy, datetime, functools, gc, json, math, os, random, socket, sys, time, traceback, warnings
+import argparse, contextlib, copy, datetime, functools, gc, json, math, os, random, socket, sys, time, traceback
+import warnings
 from collections import namedtuple
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -238,10 +252,25 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # CIFAR-10 constants of much public CIFAR code (MoCo's CIFAR demo, LoGo, ContrastiveCrop): the std is about the mean
 # per-image std (0.2004/0.1987/0.2008 on the JPEG copy), not the dataset's, so inputs come out ~1.2x wider.
 CIFAR_COMMON = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
-STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-         "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-         "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
-DATASETS = ["cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet100", "imagenet", "folder", "synthetic"]
+# The dataset table: training-view side in px (None: the images' own side if they are small enough to keep in
+# memory, else 224) and normalisation (mean, std).
+DATASETS = {"cifar10": dict(size=32, stats=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
+            "cifar100": dict(size=32, stats=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
+            "stl10": dict(size=96, stats=IMAGENET_STATS),
+            "tinyimagenet": dict(size=64, stats=IMAGENET_STATS),
+            "imagenet100": dict(size=None, stats=IMAGENET_STATS),
+            "imagenet": dict(size=None, stats=IMAGENET_STATS),
+            "folder": dict(size=None, stats=IMAGENET_STATS),
+            "synthetic": dict(size=32, stats=((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))}
+# Gaussian blur only on views of at least this side (px), each method as its paper or code has it: the base
+# frameworks and LoGo from 96 (none on CIFAR, SimCLR appendix B.9), LeOCLR at ImageNet sizes (MoCo's CIFAR demo
+# has none), CLIM and CO-SSL (solo-learn) on all but 32 px, ContrastiveCrop on ImageNet only (configs/small: none).
+BLUR_FROM = {"base": 96, "logo": 96, "leoclr": 128, "clim": 33, "co_ssl": 33, "contrastive_crop": 160}
+
+
+def blurs(method, size):
+    """Whether `method`'s views of this side get Gaussian blur (BLUR_FROM)."""
+    return size >= BLUR_FROM[method]
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".JPEG")
 
 
@@ -271,7 +300,8 @@ class Source:
 
     def subset(self, n, spread=False):
         """The first n images, or with spread=True n evenly spaced ones (an ImageFolder lists its files by class)."""
-        idx = torch.linspace(0, len(self) - 1, min(n, len(self))).round().long() if spread else torch.arange(min(n, len(self)))
+        idx = (torch.linspace(0, len(self) - 1, min(n, len(self))).round().long() if spread
+               else torch.arange(min(n, len(self))))
         return self.rows(idx)
 
     def rows(self, idx):
@@ -306,7 +336,8 @@ def synthetic_images(n, size=32, offset=0, classes=10):
     are large and stripes coarse so that the class survives the ImageNet stem at 32 px (the cheap CPU setting)."""
     def params(i):
         r = random.Random(f"synthetic-{i}")
-        return [r.uniform(0.3, 0.7), r.uniform(0.3, 0.7), r.uniform(0.28, 0.42), r.uniform(0, 6.3), r.uniform(1.5, 2.5)] \
+        return [r.uniform(0.3, 0.7), r.uniform(0.3, 0.7), r.uniform(0.28, 0.42), r.uniform(0, 6.3),
+                r.uniform(1.5, 2.5)] \
             + [r.random() for _ in range(6)]
     p = torch.tensor([params(offset + i) for i in range(n)])
     labels = torch.tensor([(offset + i) % classes for i in range(n)])
@@ -325,7 +356,8 @@ def synthetic_images(n, size=32, offset=0, classes=10):
     mask = masks[torch.arange(n), shape].unsqueeze(1).float()
     stripes = (torch.sin(2 * math.pi * freq * (xx + yy) / (2 * rad) + phase) > 0).float().unsqueeze(1)
     fg = torch.where((labels // 5 % 2 == 1)[:, None, None, None], fg * (0.35 + 0.65 * stripes), fg)
-    noise = 0.04 * torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(offset + i)) for i in range(n)])
+    noise = 0.04 * torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(offset + i))
+                                for i in range(n)])
     img = (mask * fg + (1 - mask) * (bg + noise)).clamp(0, 1)
     return (img * 255).round().to(torch.uint8), labels
 
@@ -369,7 +401,8 @@ def _tv(cls, name, **kw):
         return cls(**kw)
     except RuntimeError as e:
         if "not found" in str(e).lower() or "download" in str(e).lower():
-            raise UserError(f"{name} not found under {kw['root']}; pass --download to fetch it, or --data DIR where it lies")
+            raise UserError(f"{name} not found under {kw['root']}; pass --download to fetch it, "
+                            f"or --data DIR where it lies")
         raise
 
 
@@ -381,7 +414,7 @@ def load_data(args):
     name, root = args.dataset, os.path.expanduser(args.data)
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
-    mean, std = STATS.get(name, IMAGENET_STATS)
+    mean, std = DATASETS[name]["stats"]
     if name == "synthetic":
         n = args.subset or 5000
         train = Source(*reversed(synthetic_images(n)), name="synthetic-train")
@@ -453,7 +486,8 @@ def _select_classes(src, keep):
         raise UserError(f"--class-list names classes missing from {src.name}: {', '.join(missing[:3])}...")
     new = {src.classes.index(c): i for i, c in enumerate(keep)}
     idx = [i for i, l in enumerate(src.labels.tolist()) if l in new]
-    return Source([new[int(src.labels[i])] for i in idx], files=[src.files[i] for i in idx], classes=keep, name=src.name)
+    return Source([new[int(src.labels[i])] for i in idx], files=[src.files[i] for i in idx], classes=keep,
+                  name=src.name)
 
 
 def native_size(source):
@@ -467,15 +501,17 @@ def sample_rng(seed, epoch, index):
     return random.Random(f"{seed}/{epoch}/{index}")
 
 
-def rrc_box(H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng=random):
-    """RandomResizedCrop geometry (torchvision's algorithm): returns (top, left, height, width) in pixels."""
+def rrc_box(H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng=random, place=None):
+    """RandomResizedCrop geometry (torchvision's algorithm): returns (top, left, height, width) in pixels.
+    place(h, w, rng) -> (top, left) positions an accepted h x w crop: uniform by default (ContrastiveCrop: the
+    centre drawn inside its box)."""
     area = H * W
     for _ in range(10):
         target = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= W and 0 < h <= H:
-            return rng.randint(0, H - h), rng.randint(0, W - w), h, w
+            return (*place(h, w, rng), h, w) if place else (rng.randint(0, H - h), rng.randint(0, W - w), h, w)
     in_ratio = W / H
     if in_ratio < min(ratio):
         w, h = W, round(W / min(ratio))
@@ -498,7 +534,8 @@ class Recipe:
     NPARAM = 12
 
     def __init__(self, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.0, p_solarize=0.0):
-        self.jitter, self.p_jitter, self.p_gray, self.p_blur, self.p_solarize = jitter, p_jitter, p_gray, p_blur, p_solarize
+        self.jitter, self.p_jitter, self.p_gray, self.p_blur, self.p_solarize = (jitter, p_jitter, p_gray, p_blur,
+                                                                                 p_solarize)
 
     def draw(self, rng):
         """One sample's parameters by column: P_ON (jitter applies), P_BRIGHT, P_CONTRAST, P_SAT, P_HUE (the factors),
@@ -517,7 +554,8 @@ class Recipe:
         return [float(on), *factors, *order, float(gray), sigma if blur else 0.0, float(sol)]
 
     def __repr__(self):
-        return f"Recipe(jitter={self.jitter}, p_jitter={self.p_jitter}, p_gray={self.p_gray}, p_blur={self.p_blur}, p_solarize={self.p_solarize})"
+        return (f"Recipe(jitter={self.jitter}, p_jitter={self.p_jitter}, p_gray={self.p_gray}, p_blur={self.p_blur}, "
+                f"p_solarize={self.p_solarize})")
 
 
 def mocov2_recipe(blur):
@@ -540,7 +578,7 @@ Crop = namedtuple("Crop", "top left height width flip src", defaults=(False, 0))
 
 
 class RandomResizedCrops:
-    """views_fn of n independent RandomResizedCrop boxes (scale, ratio 3/4-4/3) with flip p=0.5. Views functions
+    """Views.crops of n independent RandomResizedCrop boxes (scale, ratio 3/4-4/3) with flip p=0.5. Crop samplers
     are module-level classes, never closures: under --gpus N the DataLoader workers are spawned and pickle them."""
 
     def __init__(self, n, scale):
@@ -551,18 +589,22 @@ class RandomResizedCrops:
         return [Crop(*rrc_box(H, W, self.scale, rng=rng), rng.random() < 0.5) for _ in range(self.n)]
 
 
+Views = namedtuple("Views", "crops sizes recipes sources extra", defaults=(None, None))
+Views.__doc__ = """A method's views: crops(index, hw, rng) -> [Crop per view]; the views' sizes (px) and colour
+recipes; optional sources(index, rng) -> the source images the crops refer to by position (default [index]) and
+extra(index, rng) -> more per-sample tensors for the batch (e.g. mixing parameters)."""
+
+
 class ViewDataset(torch.utils.data.Dataset):
-    """dataset[i] -> dict(index, label, src, boxes, flips, photo[, view0, view1, ...]).
+    """dataset[i] -> dict(index, label, src, boxes, flips, photo[, view0, view1, ...]) for the Views `views`.
 
-    views_fn(index, sizes_hw, rng) -> [Crop per view]; sources_fn(index, rng) -> source indices the crops
-    refer to by position (default: [index]). For in-memory data only the boxes travel (cropped on the device);
-    otherwise each source image is decoded once (torchvision for JPEGs, else PIL) and each view cropped and resized
-    here as a tensor; pil=True keeps the former all-PIL path, the reference that tests and tests/benchmark.py
-    compare with. `epoch` is a shared tensor so persistent workers see it change."""
+    For in-memory data only the boxes travel (cropped on the device); otherwise each source image is decoded once
+    (torchvision for JPEGs, else PIL) and each view cropped and resized here as a tensor; pil=True keeps the former
+    all-PIL path, the reference that tests and tests/benchmark.py compare with. `epoch` is a shared tensor so
+    persistent workers see it change."""
 
-    def __init__(self, source, views_fn, sizes, recipes, seed, sources_fn=None, extra_fn=None, pil=False):
-        self.source, self.views_fn, self.sizes, self.recipes, self.seed = source, views_fn, sizes, recipes, seed
-        self.sources_fn, self.extra_fn, self.pil = sources_fn, extra_fn, pil
+    def __init__(self, source, views, seed, pil=False):
+        self.source, self.views, self.seed, self.pil = source, views, seed, pil
         self.epoch = torch.zeros(1, dtype=torch.long).share_memory_()
 
     def __len__(self):
@@ -570,7 +612,8 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         rng = sample_rng(self.seed, int(self.epoch), i)
-        srcs = self.sources_fn(i, rng) if self.sources_fn else [i]
+        v = self.views
+        srcs = v.sources(i, rng) if v.sources else [i]
         if self.source.in_memory:
             imgs, hw = None, [tuple(self.source.images.shape[-2:])] * len(srcs)
         elif self.pil:
@@ -579,16 +622,16 @@ class ViewDataset(torch.utils.data.Dataset):
         else:
             imgs = [_read_rgb(self.source.files[j]) for j in srcs]
             hw = [tuple(im.shape[-2:]) for im in imgs]
-        crops = self.views_fn(i, hw, rng)
+        crops = v.crops(i, hw, rng)
         item = {"index": i, "label": self.source.labels[i],
                 "src": torch.tensor([srcs[c.src] for c in crops]),
                 "boxes": torch.tensor([[c.top, c.left, c.height, c.width] for c in crops], dtype=torch.float32),
                 "flips": torch.tensor([c.flip for c in crops]),
-                "photo": torch.tensor([r.draw(rng) for r in self.recipes], dtype=torch.float32)}
-        if self.extra_fn:
-            item.update(self.extra_fn(i, rng))
+                "photo": torch.tensor([r.draw(rng) for r in v.recipes], dtype=torch.float32)}
+        if v.extra:
+            item.update(v.extra(i, rng))
         if imgs is not None:
-            for k, (c, s) in enumerate(zip(crops, self.sizes)):
+            for k, (c, s) in enumerate(zip(crops, v.sizes)):
                 item[f"view{k}"] = cut_view(imgs[c.src], c, s)
         return item
 
@@ -608,7 +651,8 @@ def cut_view(image, c, size):
 
 
 def crop_resize(images, boxes, size):
-    """Batched crop+resize on the device: images uint8/float B x 3 x H x W, boxes B x 4 (top, left, h, w) -> float 0..255."""
+    """Batched crop+resize on the device: images uint8/float B x 3 x H x W, boxes B x 4 (top, left, h, w) ->
+    float 0..255."""
     from torchvision.ops import roi_align
     t, l, h, w = boxes.to(images.device).float().unbind(1)
     rois = torch.stack([torch.arange(len(boxes), device=images.device, dtype=torch.float32), l, t, l + w, t + h], 1)
@@ -773,7 +817,8 @@ def build_backbone(arch="resnet18", stem="cifar", zero_init_residual=False, rf_l
                 setattr(blk, n, nn.Conv2d(old.in_channels, old.out_channels, 1, old.stride, 0, bias=False))
     net.out_dim = net.fc.in_features
     d = net.out_dim
-    net.fc = nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, d)) if rf_mlp else nn.Identity()
+    net.fc = (nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, d)) if rf_mlp
+              else nn.Identity())
     net.arch_meta = dict(arch=arch, stem=stem, rf_layout=list(rf_layout) if rf_layout else None, rf_mlp=bool(rf_mlp))
     return net
 
@@ -830,7 +875,8 @@ def convert_split_bn(module, splits):
     """Replace every BatchNorm1d/2d by SplitBatchNorm (same state dict)."""
     for name, child in module.named_children():
         if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
-            new = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum, affine=child.affine)
+            new = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum,
+                                 affine=child.affine)
             new.load_state_dict(child.state_dict())
             new.requires_grad_(any(p.requires_grad for p in child.parameters()))  # a frozen EMA target stays frozen
             setattr(module, name, new.to(next(child.buffers()).device))
@@ -878,7 +924,8 @@ class LARS(torch.optim.Optimizer):
                 if not g["lars_exclude"]:
                     wn, gn = p.norm(), d.norm()
                     d = d.add(p, alpha=g["weight_decay"])
-                    trust = torch.where((wn > 0) & (gn > 0), g["eta"] * wn / (gn + g["weight_decay"] * wn), torch.ones_like(wn))
+                    trust = torch.where((wn > 0) & (gn > 0), g["eta"] * wn / (gn + g["weight_decay"] * wn),
+                                        torch.ones_like(wn))
                     if g["clip"]:
                         trust = torch.clamp(trust / g["lr"], max=1.0) if g["lr"] > 0 else torch.ones_like(wn)
                     d = d * trust
@@ -979,6 +1026,40 @@ def shuffled_forward(encoder, x):
     return y[torch.argsort(perm)][r * B:(r + 1) * B]
 
 
+class Model(nn.Module):
+    """The model of the training contract (module docstring); every method's model derives from it."""
+    sync_bn = False   # True: SyncBatchNorm across GPUs (SimCLR, BYOL, SimSiam); False: per-GPU BN (MoCo's shuffle-BN)
+    progress = 0.0    # step / total steps, set by fit before each step: schedules inside the model read it
+
+    def forward(self, views, batch):
+        """views: one normalised B x 3 x S x S tensor per view; batch: the ViewDataset batch. -> (loss, logs)."""
+        raise NotImplementedError
+
+    def param_groups(self):
+        """The optimizer's groups; a group with fix_lr=True keeps its lr (SimSiam's predictor)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def after_step(self):
+        """Runs after each optimizer step (EMA updates and enqueues that must follow backward)."""
+
+
+class State:
+    """Base of a method's state outside the model (the training contract, module docstring); checkpointed too."""
+
+    def before_epoch(self, epoch):
+        """Runs before epoch `epoch` (0-based) while no loader iterator exists: recompute boxes, neighbours."""
+
+    def epoch_logs(self):
+        """Values for this epoch's log record."""
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
 class Encoder(nn.Module):
     """backbone followed by a projection head."""
 
@@ -1008,17 +1089,19 @@ def encode_together(encoder, xs):
 
 
 def _head_dims(d, framework, imagenet):
-    """Heads of ContrastiveCrop's table (spec sec. 3): small datasets (ResNet-18) and ImageNet (ResNet-50)."""
+    """Heads of ContrastiveCrop's code (models/, configs/small and configs/IN1K): small datasets (ResNet-18) and
+    ImageNet (ResNet-50)."""
     return {"simclr": [d, d if not imagenet else 2048, 128], "mocov2": [d, d if not imagenet else 2048, 128],
             "byol": [d, 512 if not imagenet else 4096, 128 if not imagenet else 256],
             "simsiam": [d, d, d, d] if not imagenet else [d, 2048, 2048, 2048]}[framework]
 
 
-class SimCLR(nn.Module):
+class SimCLR(Model):
     """SimCLR: z = normalize(proj(f(v))), NT-Xent over 2B anchors with negatives from all ranks. Both views go through
     the network in one pass of 2B images, as the official code does, so BatchNorm sees both views together (with
     split-BN each chunk holds both views of its images, as one GPU would). Head: Linear-BN-ReLU-Linear (official
-    code; head_bn=False is ContrastiveCrop's head). loss_scale: 1 (paper); ContrastiveCrop's code multiplies by t/0.07."""
+    code; head_bn=False is ContrastiveCrop's head). loss_scale: 1 (paper); ContrastiveCrop's code multiplies by
+    t/0.07."""
     sync_bn = True
 
     def __init__(self, backbone, proj_dims, temperature=0.5, loss_scale=1.0, head_bn=True):
@@ -1036,11 +1119,10 @@ class SimCLR(nn.Module):
         return self.loss_scale * nt_xent(z1, z2, self.temperature), {}
 
 
-class MoCoV2(nn.Module):
+class MoCoV2(Model):
     """MoCo-v2: query encoder (SGD), key encoder = EMA(query), queue of K keys, InfoNCE at temperature t.
     symmetric=True adds the swapped term (the demo's symmetric option). Shuffle-BN for keys. head_bn=True puts BN
     in the projection head's hidden layer (as SimCLR's and MoCo-v3's heads; MoCo-v2's has none)."""
-    sync_bn = False
 
     def __init__(self, backbone, proj_dims, queue_size=65536, temperature=0.2, momentum=0.999, symmetric=False,
                  head_bn=False):
@@ -1067,16 +1149,19 @@ class MoCoV2(nn.Module):
         negatives = self.queue.queue.clone()                        # the queue as it stood at step start
         q1, k2 = self.query(x1), self.keys(x2)
         loss = info_nce(q1, k2, negatives, self.temperature)        # logits: B x (1+K)
-        keys = [k2]
+        keys, logs = [k2], {}
         if self.symmetric:
             q2, k1 = self.query(x2), self.keys(x1)
-            loss = loss + info_nce(q2, k1, negatives, self.temperature)
+            swapped = info_nce(q2, k1, negatives, self.temperature)
+            logs = {"loss_q1_k2": loss.detach(), "loss_q2_k1": swapped.detach()}
+            loss = loss + swapped
             keys.append(k1)
-        self.queue.enqueue(torch.cat(keys))
-        return loss, {}
+        for k in keys:  # one gathered enqueue per view: the queue's layout is the same for any number of processes
+            self.queue.enqueue(k)
+        return loss, logs
 
 
-class BYOL(nn.Module):
+class BYOL(Model):
     """BYOL: online proj+pred, target = EMA(online backbone+proj) with m (cosine-scheduled to 1 if cosine_ema)."""
     sync_bn = True
 
@@ -1105,7 +1190,7 @@ class BYOL(nn.Module):
         return byol_loss(p1, p2, z1, z2), {}
 
 
-class SimSiam(nn.Module):
+class SimSiam(Model):
     """SimSiam: shared encoder, predictor h, stop-gradient; the predictor keeps a fixed lr (paper Sec. 4.2)."""
     sync_bn = True
 
@@ -1140,7 +1225,7 @@ SMALL_DATA = {**PAPER, "mocov2": dict(temperature=0.1, queue_size=4096, ema=0.99
 
 
 def build_framework(name, backbone, imagenet, args, contrastive_crop=False):
-    """One of the four base frameworks with the heads of ContrastiveCrop's table (spec sec. 3-4) and each paper's
+    """One of the four base frameworks with the heads of ContrastiveCrop's code (_head_dims) and each paper's
     constants. SimCLR follows its paper (loss x 1, BN in the head) unless contrastive_crop: then ContrastiveCrop's
     code (loss x t/0.07, no BN in the head). BYOL's target momentum rises from --ema to 1 on a cosine (BYOL Sec.
     3.2; ContrastiveCrop: fixed). Small data (not imagenet): the shorter EMA horizons and the sized queue of
@@ -1156,7 +1241,8 @@ def build_framework(name, backbone, imagenet, args, contrastive_crop=False):
         return MoCoV2(backbone, dims, args.queue_size or c["queue_size"], t, args.ema or c["ema"],
                       symmetric=getattr(args, "symmetric", False), head_bn=c.get("head_bn", False))
     if name == "byol":
-        return BYOL(backbone, dims, 512 if not imagenet else 4096, args.ema or c["ema"], cosine_ema=not contrastive_crop)
+        return BYOL(backbone, dims, 512 if not imagenet else 4096, args.ema or c["ema"],
+                    cosine_ema=not contrastive_crop)
     if name == "simsiam":
         return SimSiam(backbone, dims, 128 if not imagenet else 512)
     raise UserError(f"unknown --framework '{name}'; choose simclr, mocov2, byol or simsiam")
@@ -1180,17 +1266,18 @@ def resolve_precision(precision, device):
 
 
 def make_optimizer(model, args):
-    """SGD (momentum 0.9) or LARS over model.param_groups() (or all trainable parameters); lr is per 256 images."""
-    groups = model.param_groups() if hasattr(model, "param_groups") else [
-        {"params": [p for p in model.parameters() if p.requires_grad]}]
+    """SGD (momentum 0.9) or LARS over model.param_groups(); lr is per 256 images."""
+    groups = model.param_groups()
     lr = args.lr * args.batch_size / 256
     if args.optimizer == "lars":  # biases and norms: no weight decay, no adaptation
         split = []
         for g in groups:
             rest = {k: v for k, v in g.items() if k != "params"}
             split.append({**rest, "params": [p for p in g["params"] if p.ndim > 1]})
-            split.append({**rest, "params": [p for p in g["params"] if p.ndim <= 1], "lars_exclude": True, "weight_decay": 0.0})
-        opt = LARS([g for g in split if g["params"]], lr=lr, weight_decay=args.wd, eta=args.lars_eta, clip=args.lars_clip)
+            split.append({**rest, "params": [p for p in g["params"] if p.ndim <= 1], "lars_exclude": True,
+                          "weight_decay": 0.0})
+        opt = LARS([g for g in split if g["params"]], lr=lr, weight_decay=args.wd, eta=args.lars_eta,
+                   clip=args.lars_clip)
     elif args.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=args.wd)
     else:
@@ -1214,143 +1301,155 @@ def fmt_time(s):
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def fit(args, model, data, views_fn, sizes, recipes, *, method, sources_fn=None, extra_fn=None, before_epoch=None,
-        extra_state=None, lr_floor=0.0, lr_per_epoch=False, eval_size=None):
-    """Train `model` (forward(views, batch) -> (loss, logs)) on `data.train`, with resume, logs, kNN, checkpoints.
-
-    views_fn/sources_fn/extra_fn: see ViewDataset. before_epoch(epoch): called at the start of each epoch
-    (0-based) before the loader iterator exists; methods recompute boxes or neighbours there.
-    extra_state: object with state_dict()/load_state_dict() saved in the checkpoint (method state).
-    model.after_step() runs after each optimizer step; model.progress is set to step/total before each."""
-    device, rank, world = args.device, get_rank(), get_world()
-    cuda = device.type == "cuda"
+def fit(args, setup, data):
+    """Train setup.model on data.train (the contract: module docstring): set up, resume from the checkpoint in
+    args.out if there is one, then train_one_epoch and end_of_epoch for each epoch. Returns the summary."""
+    device, cuda = args.device, args.device.type == "cuda"
     os.makedirs(args.out, exist_ok=True)
-    unwrapped = batch_norm_policy(model, getattr(model, "sync_bn", False), args.bn_splits, args.batch_size).to(device)
+    model = batch_norm_policy(setup.model, setup.model.sync_bn, args.bn_splits, args.batch_size).to(device)
     if cuda:
-        unwrapped = unwrapped.to(memory_format=torch.channels_last)
-    opt = make_optimizer(unwrapped, args)
-    dtype = resolve_precision(args.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    dataset = ViewDataset(data.train, views_fn, sizes, recipes, args.seed, sources_fn, extra_fn)
-    images = data.train.images.to(device) if data.train.in_memory else None
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, args.seed, rank, world)
-    spe = sampler.batches_per_epoch()
-    total = spe * args.epochs
+        model = model.to(memory_format=torch.channels_last)
+    dataset = ViewDataset(data.train, setup.views, args.seed)
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, args.seed, get_rank(), get_world())
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=cuda,
                                          persistent_workers=args.workers > 0, generator=torch.Generator())
-    step, history, partial = 0, [], {}
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    if broadcast_object(os.path.exists(ckpt_path)):  # rank 0 decides, so ranks cannot disagree on what they see
-        ck = load_checkpoint(ckpt_path, args, method, spe)
-        unwrapped.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if scaler.is_enabled() and ck["scaler"]:
-            scaler.load_state_dict(ck["scaler"])
-        elif scaler.is_enabled() or ck["scaler"]:
-            print0(f"note: {ckpt_path} was saved at another --precision; the fp16 loss scale starts afresh")
-        if extra_state is not None:
-            extra_state.load_state_dict(ck["extra"])
-        step, history, partial = ck["step"], ck["history"], ck.get("partial", {})
-        set_rng_state(ck["rng"], args.seed)
-        print0(f"resumed from {ckpt_path} at epoch {step // spe} step {step}")
+    dtype = resolve_precision(args.precision, device)
+    r = SimpleNamespace(args=args, setup=setup, data=data, model=model, opt=make_optimizer(model, args), dtype=dtype,
+                        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), dataset=dataset,
+                        sampler=sampler, loader=loader, spe=sampler.batches_per_epoch(), step=0, history=[],
+                        partial={}, images=data.train.images.to(device) if data.train.in_memory else None,
+                        ckpt=os.path.join(args.out, "checkpoint.pth"), state_logs={}, stopped=False, train_time=0.0,
+                        data_wait=[0.0])
+    r.total = r.spe * args.epochs
+    if broadcast_object(os.path.exists(r.ckpt)):  # rank 0 decides, so ranks cannot disagree on what they see
+        resume(r)
     if is_main():
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump({k: v for k, v in vars(args).items() if k != "device"}, f, indent=1, default=str)
         with open(os.path.join(args.out, "log.jsonl"), "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
+            f.writelines(json.dumps(h) + "\n" for h in r.history)
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")  # we mean: never sync buffers (queues, BN stats)
-    net = torch.nn.parallel.DistributedDataParallel(
-        unwrapped, device_ids=[device.index] if cuda else None, broadcast_buffers=False,
-        find_unused_parameters=getattr(unwrapped, "find_unused_parameters", False)) if world > 1 else unwrapped
+    r.net = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if cuda else None, broadcast_buffers=False) if get_world() > 1 else model
     if args.compile:
-        net = torch.compile(net)
-    print0(f"{method} on {args.dataset}: {len(dataset)} images, {spe} steps/epoch x {args.epochs} epochs, "
-           f"global batch {args.batch_size} on {world} process(es), effective lr {args.lr * args.batch_size / 256:.4g} "
+        r.net = torch.compile(r.net)
+    print0(f"{args.method} on {args.dataset}: {len(dataset)} images, {r.spe} steps/epoch x {args.epochs} epochs, "
+           f"global batch {args.batch_size} on {get_world()} process(es), "
+           f"effective lr {args.lr * args.batch_size / 256:.4g} "
            f"(= {args.lr} x {args.batch_size}/256), {args.optimizer}, precision {str(dtype)[6:]}, device {device}")
-    knn_top1 = history[-1].get("knn_top1") if history else None
-    start_step = step
-    train_time, t_log, steps_log, stop, data_wait = 0.0, time.time(), 0, False, [0.0]
-    for epoch in range(step // spe, args.epochs):
-        skip = step - epoch * spe
-        if skip == 0 and before_epoch is not None:
-            before_epoch(epoch)
-        dataset.epoch.fill_(epoch)
-        sampler.set_epoch(epoch, skip)
-        sums = {k: torch.tensor(v, device=device) for k, v in partial.items()} if skip else {}
-        partial = {}
-        bad = torch.zeros((), dtype=torch.bool, device=device)
-        t_epoch = time.time()
-        for batch in timed(loader, data_wait):
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}  # once
-            factor = lr_factor(step, spe, args.epochs, args.warmup_epochs, lr_floor, lr_per_epoch)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * (1.0 if g.get("fix_lr") else factor)
-            unwrapped.progress = step / total
-            views = device_views(batch, images, data.mean, data.std, sizes, device, cuda)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss, logs = net(views, batch)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if hasattr(unwrapped, "after_step"):
-                unwrapped.after_step()
-            bad |= ~torch.isfinite(loss.detach())
-            for k, v in {"loss": loss, **logs}.items():
-                sums[k] = sums.get(k, 0) + torch.as_tensor(v, device=device).detach().float()
-            step += 1
-            steps_log += 1
-            last = step == total or (args.max_steps and step >= args.max_steps)
-            if step % args.log_every == 0 or last:
-                check_finite(bad, step, ckpt_path)
-                dt = time.time() - t_log
-                train_time += dt
-                n_done = step - epoch * spe
-                ips = steps_log * args.batch_size / max(dt, 1e-9)
-                avg = {k: v.item() / n_done for k, v in mean_over_ranks(sums).items()}
-                eta = (total - step) * args.batch_size / max(ips, 1e-9)
-                print0(f"ep {epoch + 1}/{args.epochs} step {step}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
-                       + f" lr {opt.param_groups[0]['lr']:.4g} img/s {ips:.1f} data wait "
-                       f"{100 * data_wait[0] / max(train_time, 1e-9):.0f}% eta {fmt_time(eta)}")
-                t_log, steps_log = time.time(), 0
-            if args.max_steps and step >= args.max_steps:
-                stop = True
-                break
-        n_done = step - epoch * spe
-        if stop and n_done < spe:  # stopped mid-epoch: keep the partial sums so the resumed epoch logs the same
-            partial = {k: v.item() for k, v in sums.items()}
-            save_state(ckpt_path, args, method, spe, unwrapped, opt, scaler, extra_state, step, history, partial)
+    r.knn_top1, start_step = (r.history[-1].get("knn_top1") if r.history else None), r.step
+    for epoch in range(r.step // r.spe, args.epochs):
+        if r.step == epoch * r.spe and setup.state is not None:
+            setup.state.before_epoch(epoch)  # boxes, neighbours: recomputed before the loader iterator exists
+        train_one_epoch(r, epoch)
+        end_of_epoch(r, epoch)
+        if r.stopped:
             break
-        check_finite(bad, step, ckpt_path)
-        train_time += time.time() - t_log
-        t_log, steps_log = time.time(), 0
-        rec = {"epoch": epoch + 1, "step": step, **{k: v.item() / spe for k, v in mean_over_ranks(sums).items()},
-               "lr": opt.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t_epoch, 2)}
-        if extra_state is not None and hasattr(extra_state, "epoch_logs"):
-            rec.update(extra_state.epoch_logs())
-        if args.knn_every and data.knn_val is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn_top1 = knn_eval(unwrapped.backbone, data, args, eval_size or sizes[0])[0]
-            rec["knn_top1"] = knn_top1
-            print0(f"ep {epoch + 1}: kNN top-1 {knn_top1:.2f}")
-        history.append(rec)
-        if is_main():
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        save_state(ckpt_path, args, method, spe, unwrapped, opt, scaler, extra_state, step, history, {})
-        t_log = time.time()
-        if stop:
-            break
-    if stop and args.knn_every and data.knn_val is not None and step < total:
-        knn_top1 = knn_eval(unwrapped.backbone, data, args, eval_size or sizes[0])[0]
-    summary = {"method": method, "dataset": args.dataset, "epochs": args.epochs, "steps": step,
-               "train_time_s": round(train_time, 2), "data_wait_s": round(data_wait[0], 2),
-               "images_per_s": round((step - start_step) * args.batch_size / max(train_time, 1e-9), 1),
-               "knn_top1": knn_top1, "out": args.out}
+    if r.stopped and args.knn_every and data.knn_val is not None and r.step < r.total:
+        r.knn_top1 = knn_eval(model.backbone, data, args, setup.views.sizes[0])[0]
     if is_main():
-        export_backbone(unwrapped.backbone, os.path.join(args.out, "backbone.pth"), method=method, dataset=args.dataset,
-                        epoch=step / spe, mean=list(data.mean), std=list(data.std))  # the input normalisation trained on
-        plot_curves(history, os.path.join(args.out, "curves.png"))
-    return summary, unwrapped
+        export_backbone(model.backbone, os.path.join(args.out, "backbone.pth"), method=args.method,
+                        dataset=args.dataset, epoch=r.step / r.spe,
+                        mean=list(data.mean), std=list(data.std))  # the input normalisation
+        plot_curves(r.history, os.path.join(args.out, "curves.png"))
+    return {"method": args.method, "dataset": args.dataset, "epochs": args.epochs, "steps": r.step,
+            "train_time_s": round(r.train_time, 2), "data_wait_s": round(r.data_wait[0], 2),
+            "images_per_s": round((r.step - start_step) * args.batch_size / max(r.train_time, 1e-9), 1),
+            "knn_top1": r.knn_top1, **r.state_logs, "out": args.out}
+
+
+def train_one_epoch(r, epoch):
+    """One epoch of steps: views -> forward (the method's loss) -> backward -> optimizer step -> after_step (EMA,
+    queue) -> log. Nothing waits for the device except the progress line every --log-every steps."""
+    args, model, opt, device = r.args, r.model, r.opt, r.args.device
+    skip = r.step - epoch * r.spe  # > 0 when resuming inside an epoch
+    r.dataset.epoch.fill_(epoch)
+    r.sampler.set_epoch(epoch, skip)
+    r.sums = {k: torch.tensor(v, device=device) for k, v in r.partial.items()} if skip else {}
+    r.partial, r.t_epoch, r.t_log, r.steps_log = {}, time.time(), time.time(), 0
+    r.bad = torch.zeros((), dtype=torch.bool, device=device)
+    for batch in timed(r.loader, r.data_wait):
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        factor = lr_factor(r.step, r.spe, args.epochs, args.warmup_epochs, r.setup.lr_floor, r.setup.lr_per_epoch)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * (1.0 if g.get("fix_lr") else factor)
+        model.progress = r.step / r.total
+        views = device_views(batch, r.images, r.data.mean, r.data.std, r.setup.views.sizes, device,
+                             device.type == "cuda")
+        with torch.autocast(device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):
+            loss, logs = r.net(views, batch)
+        opt.zero_grad(set_to_none=True)
+        r.scaler.scale(loss).backward()
+        r.scaler.step(opt)
+        r.scaler.update()
+        model.after_step()
+        r.bad |= ~torch.isfinite(loss.detach())
+        for k, v in {"loss": loss, **logs}.items():
+            r.sums[k] = r.sums.get(k, 0) + torch.as_tensor(v, device=device).detach().float()
+        r.step, r.steps_log = r.step + 1, r.steps_log + 1
+        r.stopped = bool(args.max_steps) and r.step >= args.max_steps
+        if r.step % args.log_every == 0 or r.step == r.total or r.stopped:
+            log_progress(r, epoch)
+        if r.stopped:
+            break
+
+
+def log_progress(r, epoch):
+    """The progress line: mean losses of the epoch so far, lr, throughput, data-loader wait, time left."""
+    check_finite(r.bad, r.step, r.ckpt)
+    dt = time.time() - r.t_log
+    r.train_time += dt
+    ips = r.steps_log * r.args.batch_size / max(dt, 1e-9)
+    avg = {k: v.item() / (r.step - epoch * r.spe) for k, v in mean_over_ranks(r.sums).items()}
+    eta = (r.total - r.step) * r.args.batch_size / max(ips, 1e-9)
+    print0(f"ep {epoch + 1}/{r.args.epochs} step {r.step}/{r.total} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
+           + f" lr {r.opt.param_groups[0]['lr']:.4g} img/s {ips:.1f} data wait "
+           f"{100 * r.data_wait[0] / max(r.train_time, 1e-9):.0f}% eta {fmt_time(eta)}")
+    r.t_log, r.steps_log = time.time(), 0
+
+
+def end_of_epoch(r, epoch):
+    """After an epoch: its log record (losses, method logs, kNN), log.jsonl, the checkpoint. An epoch cut short by
+    --max-steps only saves its partial sums, so that the resumed epoch logs the same."""
+    args, data = r.args, r.data
+    if r.stopped and r.step - epoch * r.spe < r.spe:
+        r.partial = {k: v.item() for k, v in r.sums.items()}
+        save_checkpoint(r)
+        return
+    check_finite(r.bad, r.step, r.ckpt)
+    r.train_time += time.time() - r.t_log
+    rec = {"epoch": epoch + 1, "step": r.step, **{k: v.item() / r.spe for k, v in mean_over_ranks(r.sums).items()},
+           "lr": r.opt.param_groups[0]["lr"], "epoch_time_s": round(time.time() - r.t_epoch, 2)}
+    if r.setup.state is not None:
+        r.state_logs = r.setup.state.epoch_logs()
+        rec.update(r.state_logs)
+    if args.knn_every and data.knn_val is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+        r.knn_top1 = rec["knn_top1"] = knn_eval(r.model.backbone, data, args, r.setup.views.sizes[0])[0]
+        print0(f"ep {epoch + 1}: kNN top-1 {r.knn_top1:.2f}")
+    r.history.append(rec)
+    if is_main():
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    save_checkpoint(r)
+
+
+def save_checkpoint(r):
+    """The whole training state under its names: restore() reads back what save() wrote, nothing hand-listed."""
+    save(r.ckpt, model=r.model, optimizer=r.opt, scaler=r.scaler, state=r.setup.state, step=r.step, history=r.history,
+         partial=r.partial, rng=all_rng_states(), steps_per_epoch=r.spe, method=r.args.method,
+         args={k: v for k, v in vars(r.args).items() if k != "device"})
+
+
+def resume(r):
+    ck = load_checkpoint(r.ckpt, r.args, r.args.method, r.spe)
+    restore(ck, model=r.model, optimizer=r.opt, state=r.setup.state)
+    if r.scaler.is_enabled() and ck["scaler"]:
+        r.scaler.load_state_dict(ck["scaler"])
+    elif r.scaler.is_enabled() or ck["scaler"]:
+        print0(f"note: {r.ckpt} was saved at another --precision; the fp16 loss scale starts afresh")
+    r.step, r.history, r.partial = ck["step"], ck["history"], ck["partial"]
+    set_rng_state(ck["rng"], r.args.seed)
+    print0(f"resumed from {r.ckpt} at epoch {r.step // r.spe} step {r.step}")
 
 
 def timed(iterable, wait):
@@ -1403,12 +1502,14 @@ def finish(summary):
 # ================================================================ 6. evaluation (kNN)
 
 class EvalDataset(torch.utils.data.Dataset):
-    """Un-augmented images for evaluation: Resize(size/0.875) + CenterCrop(size) for large images."""
+    """Un-augmented images: Resize(size/0.875) + CenterCrop(size) (evaluation), or squash=True: Resize((size, size))
+    (ContrastiveCrop's frame for boxes)."""
 
-    def __init__(self, source, size, indices):
+    def __init__(self, source, size, indices, squash=False):
         self.source, self.size, self.indices = source, size, indices
         tv = torchvision.transforms
-        self.tf = tv.Compose([tv.Resize(round(size / 0.875)), tv.CenterCrop(size), tv.PILToTensor()])
+        resize = [tv.Resize((size, size))] if squash else [tv.Resize(round(size / 0.875)), tv.CenterCrop(size)]
+        self.tf = tv.Compose([*resize, tv.PILToTensor()])
 
     def __len__(self):
         return len(self.indices)
@@ -1431,13 +1532,22 @@ def shard_rows(n, rank=None):
 
 @torch.no_grad()
 def extract_features(backbone, source, size, mean, std, device, batch_size=256, workers=0, shard=False,
-                     dtype=torch.float32):
-    """Pooled backbone features (eval mode, bf16 autocast on CUDA) of `source`, stored as `dtype` on `device`.
+                     dtype=torch.float32, fn=None, squash=False):
+    """The one pass over a dataset: fn(backbone, x) (default: pooled features) of every image of `source`, the
+    network in eval mode (bf16 autocast on CUDA) with its BatchNorm statistics averaged over ranks, stored as
+    `dtype` on `device`. x: normalised, EvalDataset's view of files (squash: Resize((size, size))); in-memory images
+    are resized to size x size only if they differ.
 
     Each rank embeds its rows shard_rows(n). shard=True returns that shard alone (its labels are
     source.labels[shard_rows(n)]); else every rank gets all n rows in index order, which for ImageNet's train set
     and ResNet-50 is 10.5 GB in fp32: fine for small sets and for clustering, not for the kNN monitor. fp16 storage
     (|x| < 65504, 11-bit mantissa) halves that and is ample for pooled ResNet features."""
+    with rank_mean_bn_stats(backbone):
+        return _sharded_pass(backbone, source, size, mean, std, device, batch_size, workers, shard, dtype,
+                             fn or (lambda net, x: net(x)), squash)
+
+
+def _sharded_pass(backbone, source, size, mean, std, device, batch_size, workers, shard, dtype, fn, squash):
     was = backbone.training
     backbone.eval()
     n, W, rows = len(source), get_world(), shard_rows(len(source))
@@ -1448,7 +1558,7 @@ def extract_features(backbone, source, size, mean, std, device, batch_size=256, 
     if source.in_memory:
         batches = (source.images[idx[i:i + batch_size]] for i in range(0, len(idx), batch_size))
     else:
-        batches = torch.utils.data.DataLoader(EvalDataset(source, size, idx), batch_size=batch_size,
+        batches = torch.utils.data.DataLoader(EvalDataset(source, size, idx, squash), batch_size=batch_size,
                                               num_workers=workers, pin_memory=cuda)
     out, i = None, 0
     for x in batches:
@@ -1457,7 +1567,7 @@ def extract_features(backbone, source, size, mean, std, device, batch_size=256, 
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = (x - mean_t) / std_t
         with eval_autocast(device):
-            f = backbone(x.contiguous(memory_format=torch.channels_last) if cuda else x)
+            f = fn(backbone, x.contiguous(memory_format=torch.channels_last) if cuda else x)
         if out is None:  # written batch by batch: no list of batches and no concatenated copy
             out = torch.empty(per, f.shape[1], dtype=dtype, device=device)
         out[i:i + len(f)] = f
@@ -1544,11 +1654,9 @@ def knn_eval(backbone, data, args, size, k=20, T=0.07):
     """kNN top-1/top-5 of the backbone (BN statistics averaged over ranks): memory = data.knn_train (a fp16 shard per
     rank), queries = data.knn_val."""
     dev, tr, te = args.device, data.knn_train, data.knn_val
-    with rank_mean_bn_stats(backbone):
-        bank = extract_features(backbone, tr, size, data.mean, data.std, dev, workers=args.workers, shard=True,
-                                dtype=torch.float16)
-        queries = extract_features(backbone, te, size, data.mean, data.std, dev, workers=args.workers,
-                                   dtype=torch.float16)
+    bank = extract_features(backbone, tr, size, data.mean, data.std, dev, workers=args.workers, shard=True,
+                            dtype=torch.float16)
+    queries = extract_features(backbone, te, size, data.mean, data.std, dev, workers=args.workers, dtype=torch.float16)
     C = int(max(tr.labels.max(), te.labels.max())) + 1
     return topk_accuracy(knn_classify(bank, tr.labels[shard_rows(len(tr))], queries, C, k, T), te.labels)
 
@@ -1593,19 +1701,31 @@ def _strip(sd):
     return {k.replace("_orig_mod.", "").replace("module.", ""): v for k, v in sd.items()}
 
 
-def save_state(path, args, method, spe, model, opt, scaler, extra_state, step, history, partial):
-    """Full training state: model (with EMA targets, queues), optimizer, scaler, method state, step, RNG of every rank."""
-    rngs = [rng_state()]
-    if get_world() > 1:
-        rngs = [None] * get_world()
-        dist.all_gather_object(rngs, rng_state())
-    extra = extra_state.state_dict() if extra_state is not None else None
+def all_rng_states():
+    """Every rank's generators (collective), saved so that a resumed run draws what it would have drawn."""
+    if get_world() == 1:
+        return [rng_state()]
+    states = [None] * get_world()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save(path, **objects):
+    """Checkpoint: each named object's state_dict() (model, optimizer, method state; None stays None) or plain value,
+    written atomically by rank 0. Collective: every rank calls it."""
+    state = {k: _strip(v.state_dict()) if isinstance(v, nn.Module) else v.state_dict() if hasattr(v, "state_dict")
+             else v for k, v in objects.items()}
     if is_main():
-        save_atomic({"model": _strip(model.state_dict()), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "extra": extra, "step": step, "steps_per_epoch": spe, "history": history, "partial": partial,
-                     "rng": rngs, "method": method, "args": {k: v for k, v in vars(args).items() if k != "device"}}, path)
+        save_atomic(state, path)
     if get_world() > 1:
         dist.barrier()
+
+
+def restore(ck, **objects):
+    """Load each named object (None: skipped) from a checkpoint that save() wrote."""
+    for k, v in objects.items():
+        if v is not None:
+            v.load_state_dict(ck[k])
 
 
 RESUME_KEYS = ["dataset", "arch", "stem", "batch_size", "epochs", "framework", "seed", "subset"]
@@ -1620,7 +1740,8 @@ def load_checkpoint(path, args, method, spe):
     keys = RESUME_KEYS + list(getattr(args, "resume_keys", []))
     diff = [k for k in keys if saved.get(k) != getattr(args, k, None)]
     if ck.get("method") != method or diff:
-        what = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k, None)})" for k in diff) or f"method {ck.get('method')}"
+        what = (", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k, None)})" for k in diff)
+                or f"method {ck.get('method')}")
         raise UserError(f"{path} was made with {what}; use the same flags to resume or another --out")
     if ck["steps_per_epoch"] != spe:
         raise UserError(f"{path} has {ck['steps_per_epoch']} steps per epoch, this run {spe}; the dataset changed")
@@ -1644,7 +1765,8 @@ def load_backbone(path, arch=None):
     except Exception as e:
         raise UserError(f"{path} is not a backbone.pth written by this repository ({type(e).__name__})")
     arch = arch or ck.get("arch")
-    net = build_backbone(arch, ck.get("stem", "imagenet"), rf_layout=ck.get("rf_layout"), rf_mlp=ck.get("rf_mlp", False))
+    net = build_backbone(arch, ck.get("stem", "imagenet"), rf_layout=ck.get("rf_layout"),
+                         rf_mlp=ck.get("rf_mlp", False))
     try:
         net.load_state_dict(sd)
     except RuntimeError:
@@ -1692,7 +1814,8 @@ def save_figure_grid(rows, path, title=None, tile=2.0):
     plt = _plt()
     from matplotlib.patches import Rectangle
     ncol = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(tile * ncol, tile * len(rows) + (0.4 if title else 0)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(tile * ncol, tile * len(rows) + (0.4 if title else 0)),
+                             squeeze=False)
     for ax_row, row in zip(axes, rows):
         for ax, panel in zip(ax_row, row + [None] * (ncol - len(row))):
             ax.axis("off")
@@ -1716,13 +1839,14 @@ def save_figure_grid(rows, path, title=None, tile=2.0):
     plt.close(fig)
 
 
-def show_views(args, data, views_fn, sizes, recipes, path, n=4, sources_fn=None, title=None):
-    """views.png: per image the source with every view's box, then the views as the model sees them."""
-    ds = ViewDataset(data.train, views_fn, sizes, recipes, args.seed, sources_fn)
+def show_views(args, data, views, path, n=4, title=None):
+    """views.png: per image the source with every view's box, then the views (a Views) as the model sees them."""
+    ds = ViewDataset(data.train, views, args.seed)
     idx = random.Random(args.seed).sample(range(len(ds)), min(n, len(ds)))
     items = [ds[i] for i in idx]
     batch = torch.utils.data.default_collate(items)
     images = data.train.images if data.train.in_memory else None
+    sizes = views.sizes
     views = device_views(batch, images, data.mean, data.std, sizes, torch.device("cpu"))
     colours = ["lime", "red", "orange", "deepskyblue", "magenta", "yellow"]
     rows = []
@@ -1730,7 +1854,8 @@ def show_views(args, data, views_fn, sizes, recipes, path, n=4, sources_fn=None,
         boxes = [(*it["boxes"][k].tolist(), colours[k % 6], f"v{k}") for k in range(len(sizes)) if it["src"][k] == i]
         src = np.asarray(data.train.pil(i)) / 255.0
         rows.append([{"img": src, "title": f"image {i}", "boxes": boxes}]
-                    + [{"img": denormalize(views[k][r], data.mean, data.std), "title": f"v{k} {sizes[k]}px"} for k in range(len(sizes))])
+                    + [{"img": denormalize(views[k][r], data.mean, data.std), "title": f"v{k} {sizes[k]}px"}
+                       for k in range(len(sizes))])
     save_figure_grid(rows, path, title)
 
 
@@ -1742,7 +1867,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def base_parser(description):
-    """The flags every script shares (DESIGN.md sec. 5). Flags left at None are filled from the method's DEFAULTS."""
+    """The flags every script shares. Flags left at None are filled from the method's DEFAULTS."""
     p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)} (synthetic needs no files)")
@@ -1766,19 +1891,23 @@ def base_parser(description):
     a("--bn-splits", type=int, default=None,
       help="one process only: BatchNorm over this many equal chunks (2+ images each) of the batch, simulating that "
            "many GPUs (MoCo: 8); with several processes it does not apply, and a note says so")
-    a("--gpus", type=int, default=1, help="GPUs on this node (spawns one process each); 0 forces the CPU; ignored under torchrun")
+    a("--gpus", type=int, default=1,
+      help="GPUs on this node (spawns one process each); 0 forces the CPU; ignored under torchrun")
     a("--device", dest="device_type", default="auto", choices=["auto", "cpu"],
       help="auto: CUDA when present; cpu: stay on the CPU, and with --gpus N spawn N CPU processes over gloo "
            "(the GPU launch path, on the CPU)")
-    a("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU")
+    a("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+      help="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU")
     a("--compile", action="store_true", help="torch.compile the model (CUDA; slower start, faster steps)")
-    a("--workers", type=int, default=None, help="data-loader workers per process (default: 0 for in-memory data, 8 otherwise)")
+    a("--workers", type=int, default=None,
+      help="data-loader workers per process (default: 0 for in-memory data, 8 otherwise)")
     a("--seed", type=int, default=0, help="seed of every random choice (views are seeded by seed, epoch and index)")
     a("--out", default=None, help="output folder (default runs/<method>-<dataset>); a checkpoint there is resumed")
     a("--knn-every", type=int, default=None,
       help="kNN monitor (k=20, T=0.07) every N epochs and at the end (default 1; 10 on ImageNet); 0 turns it off")
     a("--log-every", type=int, default=50, help="progress line every N steps")
-    a("--max-steps", type=int, default=0, help="stop after N optimizer steps (schedule unchanged) and save; rerun to resume")
+    a("--max-steps", type=int, default=0,
+      help="stop after N optimizer steps (schedule unchanged) and save; rerun to resume")
     a("--show-views", action="store_true", help="write views.png (the views of 4 images) and exit without training")
     a("--baseline", action="store_true", help="train the method's base framework with everything else equal")
     return p
@@ -1794,10 +1923,12 @@ def parse(p, defaults, method, argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     knn = 10 if args.dataset in ("imagenet", "imagenet100") else 1  # a kNN pass over ImageNet costs ~1/3 epoch
-    for k, v in {"stem": "auto", "optimizer": "sgd", "warmup_epochs": 0, "bn_splits": 1, "wd": 1e-4, "knn_every": knn}.items():
+    for k, v in {"stem": "auto", "optimizer": "sgd", "warmup_epochs": 0, "bn_splits": 1, "wd": 1e-4,
+                 "knn_every": knn}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    args.out = args.out or os.path.join("runs", f"{method}-{args.dataset}")
+    args.method = f"{method}-baseline" if args.baseline else method  # --baseline: its own folder and name
+    args.out = args.out or os.path.join("runs", f"{args.method}-{args.dataset}")
     return args
 
 
@@ -1821,19 +1952,54 @@ def resolve_data(args, data):
     return side
 
 
+Setup = namedtuple("Setup", "model views state lr_floor lr_per_epoch", defaults=(None, 0.0, False))
+Setup.__doc__ = """What a method's build(args, data) returns: the training contract (module docstring)."""
+
+
+def main(parse, build, show=None, norm_stats=None, argv=None):
+    """A method script from end to end: parse its flags, launch the processes, and in each: seed, load the data
+    (normalised with norm_stats[dataset], or norm_stats(args), where the method's official code has its own
+    constants), build, then train (fit)
+    or only draw (--show-views). The last stdout line is the summary as JSON."""
+    launch(functools.partial(_run, build=build, show=show, norm_stats=norm_stats or {}), parse(argv))
+
+
+def _run(args, build, show, norm_stats):
+    seed_everything(args.seed)
+    data = with_stats(load_data(args), norm_stats(args) if callable(norm_stats) else norm_stats.get(args.dataset))
+    resolve_data(args, data)
+    setup = build(args, data)
+    if args.baseline:
+        print0(f"--baseline: {args.framework}, the base framework of {args.method[:-9]}, with everything else equal")
+    summary = draw(args, data, setup, show) if args.show_views else fit(args, setup, data)
+    finish({**summary, "framework": args.framework})
+
+
+def draw(args, data, setup, show=None):
+    """--show-views: views.png and the method's own figures, without training. show(args, data, setup, path) -> dict
+    draws them (every rank calls it: a method may need a collective pass first); without it, show_views."""
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "views.png")
+    out = {"method": args.method, "dataset": args.dataset, "views": path}
+    if show is not None:
+        out.update(show(args, data, setup, path) or {})
+    elif is_main():
+        show_views(args, data, setup.views, path, title=f"{args.method}: its {len(setup.views.sizes)} views")
+    return out
+
+
 # ---- common.py as a script: pretrain one of the four base frameworks
 
 SMALL = dict(arch="resnet18", stem="auto", epochs=500, batch_size=512, lr=0.25, wd=1e-4, optimizer="sgd")
 LARGE = dict(arch="resnet50", stem="imagenet", epochs=100, batch_size=256, lr=0.03, wd=1e-4, optimizer="sgd")
-# Heads, constants and optimisation rows: ContrastiveCrop's base-framework table (specs/contrastive_crop.md
-# sec. 3, 4, 6). Views and recipes: each framework's own paper (MIN_SCALE, framework_recipes); contrastive_crop.py
-# uses its spec's single recipe instead. Stem: auto (CIFAR stem for 32-64 px, as DESIGN.md).
+# Heads, constants and optimisation rows: ContrastiveCrop's code (configs/small/cifar10/*_rcrop.py, configs/IN1K,
+# models/). Views and recipes: each framework's own paper (MIN_SCALE, framework_recipes); contrastive_crop.py uses
+# ContrastiveCrop's single recipe instead. Stem: auto (the CIFAR stem for 32-64 px images).
 DEFAULTS = {
     **{d: SMALL for d in ["cifar10", "cifar100", "stl10", "tinyimagenet", "synthetic"]},
     **{d: LARGE for d in ["imagenet100", "imagenet", "folder"]}}
 LARGE_OVERRIDES = {"simclr": dict(batch_size=512, lr=0.025), "byol": dict(batch_size=512, lr=0.05),
                    "simsiam": dict(batch_size=512, lr=0.05), "mocov2": {}}
-VIEW_SIZE = {"cifar10": 32, "cifar100": 32, "synthetic": 32, "stl10": 96, "tinyimagenet": 64}
 MIN_SCALE = {"simclr": 0.08, "mocov2": 0.2, "byol": 0.08, "simsiam": 0.2}  # each paper's RandomResizedCrop scale
 # Normalisation where a framework's official code covers the dataset with other constants than load_data's:
 # MoCo's colab/moco_cifar10_demo.ipynb. SimCLR's code feeds unnormalised [0, 1] pixels; BYOL's and SimSiam's
@@ -1841,9 +2007,13 @@ MIN_SCALE = {"simclr": 0.08, "mocov2": 0.2, "byol": 0.08, "simsiam": 0.2}  # eac
 BASE_NORM_STATS = {"mocov2": {"cifar10": CIFAR_COMMON}}
 
 
+def base_norm_stats(args):
+    return BASE_NORM_STATS.get(args.framework, {}).get(args.dataset)
+
+
 def view_size(args, data):
     """Training view side: native for small datasets (32/64/96), 224 for ImageNet-like and large-image folders."""
-    return VIEW_SIZE.get(args.dataset) or (native_size(data.train) or 224)
+    return DATASETS[args.dataset]["size"] or native_size(data.train) or 224
 
 
 def two_views(scale):
@@ -1852,9 +2022,9 @@ def two_views(scale):
 
 
 def framework_recipes(name, size):
-    """Each paper's photometric recipe; below 96 px no blur, and SimCLR's colour strength 0.5 (its CIFAR-10 setting,
-    paper appendix B.9) instead of 1.0."""
-    blur = size >= 96
+    """Each paper's photometric recipe; below 96 px no blur (BLUR_FROM), and SimCLR's colour strength 0.5 (its
+    CIFAR-10 setting, paper appendix B.9) instead of 1.0."""
+    blur = blurs("base", size)
     if name == "byol":
         return list(byol_recipes(blur))
     return [simclr_recipe(blur, 1.0 if blur else 0.5) if name == "simclr" else mocov2_recipe(blur)] * 2
@@ -1862,27 +2032,25 @@ def framework_recipes(name, size):
 
 def parse_base(argv=None):
     p = base_parser(__doc__)
-    p.add_argument("--framework", default="mocov2", choices=["simclr", "mocov2", "byol", "simsiam"], help="base framework")
+    p.add_argument("--framework", default="mocov2", choices=["simclr", "mocov2", "byol", "simsiam"],
+                   help="base framework")
     p.add_argument("--temperature", type=float, default=None, help="SimCLR 0.5, MoCo-v2 0.2 (small data: 0.1)")
     p.add_argument("--queue-size", type=int, default=None,
                    help="MoCo-v2 queue length K (65536; small data: 4096); a multiple of the batch")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA momentum (MoCo 0.999, BYOL 0.996 rising to 1; small data: 0.99 each)")
-    p.add_argument("--crop-min-scale", type=float, default=None, help="RandomResizedCrop min area (default: the framework's paper)")
-    p.add_argument("--symmetric", action="store_true", help="MoCo-v2: add the swapped loss term (official CIFAR demo option)")
+    p.add_argument("--crop-min-scale", type=float, default=None,
+                   help="RandomResizedCrop min area (default: the framework's paper)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="MoCo-v2: add the swapped loss term (official CIFAR demo option)")
     argv = sys.argv[1:] if argv is None else argv
-    fw = p.parse_known_args(argv)[0].framework
+    pre = p.parse_known_args(argv)[0]
+    if pre.baseline:
+        fail("--baseline trains a method's base framework; common.py trains one already (--framework)")
+    fw = pre.framework
     defaults = {d: {**row, **(LARGE_OVERRIDES[fw] if row is LARGE else {}), "bn_splits": 8 if fw == "mocov2" else 1}
                 for d, row in DEFAULTS.items()}
     return parse(p, defaults, fw, argv)
-
-
-def main(argv=None):
-    launch(run_base, parse_base(argv))
-
-
-Setup = namedtuple("Setup", "model views_fn sizes recipes fit_kwargs", defaults=({},))
-Setup.__doc__ = """What a method's build(args, data) returns: everything fit() and tests/benchmark.py need."""
 
 
 def build_base(args, data):
@@ -1894,26 +2062,14 @@ def build_base(args, data):
     model = build_framework(args.framework, backbone, imagenet, args)
     if args.framework == "mocov2" and len(model.queue.queue) % args.batch_size:
         raise UserError(f"--queue-size {len(model.queue.queue)} must be a multiple of --batch-size {args.batch_size}")
-    return Setup(model, two_views(scale), [size, size], framework_recipes(args.framework, size),
-                 dict(lr_floor=0.1 if not imagenet else 0.0, lr_per_epoch=True))
+    return Setup(model, Views(two_views(scale), [size, size], framework_recipes(args.framework, size)),
+                 lr_floor=0.1 if not imagenet else 0.0, lr_per_epoch=True)
 
 
-def run_base(args):
-    seed_everything(args.seed)
-    data = with_stats(load_data(args), BASE_NORM_STATS.get(args.framework, {}).get(args.dataset))  # MoCo demo
-    resolve_data(args, data)
-    setup = build_base(args, data)
-    if args.show_views:
-        os.makedirs(args.out, exist_ok=True)
-        if is_main():
-            show_views(args, data, setup.views_fn, setup.sizes, setup.recipes, os.path.join(args.out, "views.png"),
-                       title=f"{args.framework}: two RandomResizedCrop views")
-        finish({"method": args.framework, "views": os.path.join(args.out, "views.png")})
-        return
-    summary, _ = fit(args, setup.model, data, setup.views_fn, setup.sizes, setup.recipes, method=args.framework,
-                     **setup.fit_kwargs)
-    finish(summary)
+def main_base(argv=None):
+    """common.py as a script: pretrain one base framework."""
+    main(parse_base, build_base, norm_stats=base_norm_stats, argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    main_base()

@@ -16,15 +16,16 @@ Paper -> code:
   Sec. 4.2 / Table 3, warm-up and update interval (20% of the epochs)    loc_schedule(), updates_after(), BoxState
   base losses (SimCLR, MoCo v2, BYOL, SimSiam)                           common.build_framework
 
-    python contrastive_crop.py --dataset synthetic --subset 512 --batch-size 64 --epochs 5 --stem imagenet --gpus 0  # CPU smoke
+    # CPU smoke
+    python contrastive_crop.py --dataset synthetic --subset 512 --batch-size 64 --epochs 5 --stem imagenet --gpus 0
       (32 px through the ImageNet stem leaves a 1x1 layer4 map, hence full boxes; --stem cifar localises for real)
     python contrastive_crop.py --dataset cifar10 --data DIR --download --framework simclr      # 1 GPU, 500 epochs
     python contrastive_crop.py --dataset imagenet --data DIR --gpus 8                         # MoCo v2, 100 epochs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 contrastive_crop.py --dataset imagenet --data DIR
     add --baseline (= --crop random), --crop simccrop, --alpha 1, --loc-interval 0 for the ablation arms;
-    --show-views writes views_e{epoch}.png and box_trajectory.png (from the checkpoint in --out, if any)
+    --show-views writes views.png and box_trajectory.png (from the checkpoint in --out, if any)
 """
-import functools, math, os, random, sys
+import os, random, sys
 
 import numpy as np
 import torch
@@ -72,46 +73,16 @@ def frames(source, indices):
     return torch.stack([TF.pil_to_tensor(TF.resize(source.pil(int(j)), [224, 224])) for j in indices])
 
 
-def shard(n, rank, world):
-    """Rank r localises images r, r+W, ...; padded with -1 to ceil(n/W) so every rank gathers as many rows."""
-    idx = torch.arange(rank, n, world)
-    return torch.cat([idx, torch.full((-(-n // world) - len(idx),), -1)])
-
-
-def scatter_by_index(indices, boxes, n):
-    """Gathered (index, box) rows of all ranks -> n x 4 in index order; index -1 is padding."""
-    keep = indices >= 0
-    out = boxes.new_zeros(n, 4)
-    out[indices[keep]] = boxes[keep]
-    return out
-
-
 @torch.no_grad()
 def localize(backbone, data, args, k):
     """Boxes of every training image from the online backbone in eval mode, N x 4 on the CPU, identical on all
-    ranks. Grads, BN statistics and the train() flag are left as they were."""
-    world, dev = common.get_world(), args.device
-    was = backbone.training
-    backbone.eval()
-    idx = shard(len(data.train), common.get_rank(), world)
-    mean, std = (torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (data.mean, data.std))
-    dtype = common.resolve_precision(args.precision, dev)
-    loader = torch.utils.data.DataLoader(idx[idx >= 0].tolist(), batch_size=max(1, args.batch_size // world),
-                                         num_workers=0 if data.train.in_memory else args.workers,
-                                         collate_fn=functools.partial(frames, data.train))
-    boxes = []
-    with common.rank_mean_bn_stats(backbone):  # MoCo keeps BN per GPU: the ranks' mean, as split-BN on one process
-        for x in loader:
-            x = (x.to(dev, non_blocking=True).float() / 255 - mean) / std
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                feats = common.feature_map(backbone, x)                   # B x C x h x w (layer4, after ReLU)
-            boxes.append(boxes_from_features(feats, x.shape[-2:], k))
-    backbone.train(was)
-    mine = torch.zeros(len(idx), 4, device=dev)                           # this rank's rows, padding last
-    if boxes:
-        mine[:int((idx >= 0).sum())] = torch.cat(boxes)
-    gathered_idx, gathered = common.gather_no_grad(idx.to(dev)), common.gather_no_grad(mine)
-    return scatter_by_index(gathered_idx, gathered, len(data.train)).cpu()
+    ranks (common.extract_features: sharded, BN statistics averaged over ranks, as split-BN on one process). The
+    frame: native size in memory, else Resize((224, 224)) (frames). Grads, BN statistics, train() are kept."""
+    side = 224 if not data.train.in_memory else data.train.images.shape[-1]
+    boxes = lambda net, x: boxes_from_features(common.feature_map(net, x), x.shape[-2:], k)  # layer4 map -> box
+    return common.extract_features(backbone, data.train, side, data.mean, data.std, args.device,
+                                   max(1, args.batch_size // common.get_world()), args.workers, fn=boxes,
+                                   squash=True).cpu()
 
 
 # ================================================================ views: center-suppressed crops (Alg. 1)
@@ -125,17 +96,13 @@ def contrastive_crop_box(H, W, box, alpha, scale=(0.2, 1.0), rng=random, ratio=(
     """Alg. 1: RandomResizedCrop's scale and ratio, but the crop centre drawn inside box = (y0, x0, y1, x1)
     (normalised) from Beta(alpha, alpha) per axis. Returns (top, left, height, width) in pixels."""
     y0, x0, y1, x1 = box
-    for _ in range(10):
-        area = H * W * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < w <= W and 0 < h <= H:
-            (t_lo, t_hi), (l_lo, l_hi) = _bounds(H, h, y0, y1), _bounds(W, w, x0, x1)
-            return (t_lo + int((t_hi - t_lo) * rng.betavariate(alpha, alpha)),   # alpha < 1: away from the middle
-                    l_lo + int((l_hi - l_lo) * rng.betavariate(alpha, alpha)), h, w)
-    r = min(max(W / H, ratio[0]), ratio[1])  # RandomResizedCrop's fallback: the largest central crop in ratio
-    w, h = min(W, round(H * r)), min(H, round(W / r))
-    return (H - h) // 2, (W - w) // 2, h, w
+
+    def place(h, w, rng):
+        (t_lo, t_hi), (l_lo, l_hi) = _bounds(H, h, y0, y1), _bounds(W, w, x0, x1)
+        return (t_lo + int((t_hi - t_lo) * rng.betavariate(alpha, alpha)),   # alpha < 1: away from the middle
+                l_lo + int((l_hi - l_lo) * rng.betavariate(alpha, alpha)))
+
+    return common.rrc_box(H, W, scale, ratio, rng, place)
 
 
 class ContrastiveCropViews:
@@ -164,7 +131,8 @@ def loc_schedule(crop, epochs, warmup, interval):
     """(Wu, I) in epochs from fractions of --epochs (Table 3: 0.2 and 0.2). simccrop: active from epoch 1, fixed box."""
     if crop == "simccrop":
         return 0, 0
-    return max(1, round(warmup * epochs)), (0 if crop == "random" or interval == 0 else max(1, round(interval * epochs)))
+    return max(1, round(warmup * epochs)), (0 if crop == "random" or interval == 0
+                                            else max(1, round(interval * epochs)))
 
 
 def updates_after(e, epochs, Wu, I):
@@ -181,8 +149,9 @@ def box_area(boxes):
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-class BoxState:
-    """The method's state (checkpointed): boxes, the boxes of 4 fixed images after every update, the mean-area log."""
+class BoxState(common.State):
+    """The method's state (checkpointed): boxes, the boxes of 4 fixed images after every update, the mean-area log.
+    before_epoch recomputes the boxes from the model's heatmaps on the update schedule (attach gives it the model)."""
 
     def __init__(self, n, crop, alpha, box_thresh, Wu, I, seed):
         self.boxes = torch.tensor(SIMCCROP_BOX if crop == "simccrop" else FULL_BOX).repeat(n, 1).share_memory_()
@@ -191,6 +160,19 @@ class BoxState:
         self.fixed = sorted(random.Random(seed).sample(range(n), min(4, n)))
         self.epoch, self.history, self.area_log = 0, {}, {}
         self.record(0)
+
+    def attach(self, model, data, args, views):
+        self.model, self.data, self.args, self.views = model, data, args, views
+
+    def before_epoch(self, epoch):  # 0-based epoch about to start = the 1-based epoch that just ended
+        a, c = self.args, self.config
+        if updates_after(epoch, a.epochs, c["warmup"], c["interval"]):
+            self.update(localize(self.model.backbone, self.data, a, a.box_thresh), epoch)
+            if common.is_main():
+                plot_views(a, self.data, self, self.model.backbone, self.views,
+                           os.path.join(a.out, f"views_e{epoch}.png"))
+                plot_trajectory(self.data, self, os.path.join(a.out, "box_trajectory.png"))
+        self.start_epoch(epoch + 1)
 
     def start_epoch(self, e):
         self.epoch = e
@@ -209,7 +191,8 @@ class BoxState:
 
     def epoch_logs(self):
         a = box_area(self.boxes)
-        return {"crop_active": int(self.active.item()), "box_area": a.mean().item(), "box_area_gt_0.9": (a > 0.9).float().mean().item()}
+        return {"crop": self.config["crop"], "crop_active": int(self.active.item()), "box_area": a.mean().item(),
+                "box_area_gt_0.9": (a > 0.9).float().mean().item()}
 
     def state_dict(self):
         return dict(boxes=self.boxes.clone(), history=self.history, fixed=self.fixed, area_log=self.area_log,
@@ -231,7 +214,7 @@ def _px(box, H, W):
     return y0 * H, x0 * W, max((y1 - y0) * H, 1), max((x1 - x0) * W, 1)
 
 
-def plot_views(args, data, state, backbone, views, sizes, recipes, path):
+def plot_views(args, data, state, backbone, views, path):
     """Per fixed image: heatmap (alpha 0.5) with its k-contour and box; the box with 8 crops of the sampler (forced
     active) and their centres; the two views of the current epoch; centre offsets u against the uniform."""
     fr, dev, k, scale = frames(data.train, state.fixed), args.device, args.box_thresh, (args.crop_min_scale, 1.0)
@@ -241,7 +224,7 @@ def plot_views(args, data, state, backbone, views, sizes, recipes, path):
         feats = common.feature_map(backbone.eval(), (fr.to(dev).float() / 255 - mean) / std)
     backbone.train(was)
     maps, found = heatmap(feats, fr.shape[-2:])[0].cpu(), boxes_from_features(feats, fr.shape[-2:], k).cpu()
-    ds = common.ViewDataset(data.train, views, sizes, recipes, args.seed)
+    ds, sizes = common.ViewDataset(data.train, views, args.seed), views.sizes
     ds.epoch.fill_(state.epoch)
     batch = torch.utils.data.default_collate([ds[i] for i in state.fixed])
     shown = common.device_views(batch, data.train.images if data.train.in_memory else None, data.mean, data.std,
@@ -273,17 +256,22 @@ def plot_views(args, data, state, backbone, views, sizes, recipes, path):
             ax.set(xlabel="u = (top - lo) / (hi - lo)", yticks=[])
             ax.legend(fontsize=6)
 
-        rows.append([{"draw": heat, "title": f"image {i}: heatmap, k={k}", "boxes": [(*_px(found[r], *frame.shape[:2]), "lime", "")]},
-                     {"draw": sampled, "title": f"box area {box_area(state.boxes[i:i + 1]).item():.2f}, alpha {args.alpha}",
+        rows.append([{"draw": heat, "title": f"image {i}: heatmap, k={k}",
+                      "boxes": [(*_px(found[r], *frame.shape[:2]), "lime", "")]},
+                     {"draw": sampled,
+                      "title": f"box area {box_area(state.boxes[i:i + 1]).item():.2f}, alpha {args.alpha}",
                       "boxes": [(*_px(box, H, W), "lime", "")] + [(*c, "red", "") for c in crops]},
-                     *({"img": common.denormalize(shown[v][r], data.mean, data.std), "title": f"view {v + 1}"} for v in (0, 1)),
+                     *({"img": common.denormalize(shown[v][r], data.mean, data.std), "title": f"view {v + 1}"}
+                       for v in (0, 1)),
                      {"draw": offsets, "title": "centre offsets"}])
-    common.save_figure_grid(rows, path, f"ContrastiveCrop ({state.config['crop']}): boxes and views of epoch {state.epoch}, "
-                                        f"sampler {'active' if state.active.item() else 'inactive (RRC)'}")
+    common.save_figure_grid(rows, path,
+                            f"ContrastiveCrop ({state.config['crop']}): boxes and views of epoch {state.epoch}, "
+                            f"sampler {'active' if state.active.item() else 'inactive (RRC)'}")
 
 
 def plot_trajectory(data, state, path):
-    """Each fixed image with its box after every update (coloured and labelled by epoch and area); mean area per update."""
+    """Each fixed image with its box after every update (coloured and labelled by epoch and area);
+    mean area per update."""
     import matplotlib
     epochs, cmap = sorted(state.history), matplotlib.colormaps["viridis"]
     row = []
@@ -303,8 +291,8 @@ def plot_trajectory(data, state, path):
 
 # ================================================================ defaults and command line
 
-SMALL = dict(arch="resnet18", stem="cifar", epochs=500, batch_size=512, lr=0.25, wd=1e-4, optimizer="sgd", warmup_epochs=0,
-             box_thresh=0.1, loc_warmup=0.2, loc_interval=0.2, crop_min_scale=0.2)
+SMALL = dict(arch="resnet18", stem="cifar", epochs=500, batch_size=512, lr=0.25, wd=1e-4, optimizer="sgd",
+             warmup_epochs=0, box_thresh=0.1, loc_warmup=0.2, loc_interval=0.2, crop_min_scale=0.2)
 IMAGENET = dict(SMALL, arch="resnet50", stem="imagenet", epochs=100, batch_size=256, lr=0.03)
 DEFAULTS = {
     "cifar10": SMALL,       # official configs/small/cifar10/*_ccrop.py (lr 0.5 at batch 512), paper Table 1
@@ -347,7 +335,8 @@ def parse(argv=None):
     a("--ema", type=float, default=None, help="EMA momentum of the key/target encoder (MoCo 0.999, BYOL 0.996)")
     argv = sys.argv[1:] if argv is None else argv
     fw = p.parse_known_args(argv)[0].framework
-    defaults = {d: {**row, **(IMAGENET_FRAMEWORK[fw] if row["arch"] == "resnet50" else {}), "bn_splits": 8 if fw == "mocov2" else 1}
+    defaults = {d: {**row, **(IMAGENET_FRAMEWORK[fw] if row["arch"] == "resnet50" else {}),
+                    "bn_splits": 8 if fw == "mocov2" else 1}
                 for d, row in DEFAULTS.items()}
     args = common.parse(p, defaults, "contrastive_crop", argv)
     if args.baseline:
@@ -370,55 +359,35 @@ def build(args, data):
     backbone = common.build_backbone(args.arch, args.stem, zero_init_residual=args.framework == "simsiam")
     model = common.build_framework(args.framework, backbone, imagenet, args, contrastive_crop=True)
     if args.framework == "mocov2" and len(model.queue.queue) % args.batch_size:
-        raise common.UserError(f"--queue-size {len(model.queue.queue)} must be a multiple of --batch-size {args.batch_size}")
+        raise common.UserError(f"--queue-size {len(model.queue.queue)} must be a multiple of "
+                               f"--batch-size {args.batch_size}")
     Wu, I = loc_schedule(args.crop, args.epochs, args.loc_warmup, args.loc_interval)
     state = BoxState(len(data.train), args.crop, args.alpha, args.box_thresh, Wu, I, args.seed)
-    views = ContrastiveCropViews(state.boxes, state.active, args.alpha, (args.crop_min_scale, 1.0))
-    recipes = [common.mocov2_recipe(blur=imagenet)] * 2  # same recipe for every framework; blur only on ImageNet
-    sizes = [size, size]
-
-    def before_epoch(epoch):  # 0-based epoch about to start = the 1-based epoch that just ended
-        if updates_after(epoch, args.epochs, Wu, I):
-            state.update(localize(model.backbone, data, args, args.box_thresh), epoch)
-            if common.is_main():
-                plot_views(args, data, state, model.backbone, views, sizes, recipes, os.path.join(args.out, f"views_e{epoch}.png"))
-                plot_trajectory(data, state, os.path.join(args.out, "box_trajectory.png"))
-        state.start_epoch(epoch + 1)
-
-    return common.Setup(model, views, sizes, recipes, dict(before_epoch=before_epoch, extra_state=state,
-                                                           lr_floor=0.0 if imagenet else 0.1, lr_per_epoch=True))
+    views = common.Views(ContrastiveCropViews(state.boxes, state.active, args.alpha, (args.crop_min_scale, 1.0)),
+                         # all frameworks
+                         [size, size], [common.mocov2_recipe(common.blurs("contrastive_crop", size))] * 2)
+    state.attach(model, data, args, views)
+    return common.Setup(model, views, state, lr_floor=0.0 if imagenet else 0.1, lr_per_epoch=True)
 
 
-def run(args):
-    common.seed_everything(args.seed)
-    data = common.with_stats(common.load_data(args), NORM_STATS.get(args.dataset))  # the official configs'
-    common.resolve_data(args, data)
-    setup = build(args, data)
-    state = setup.fit_kwargs["extra_state"]
-    if args.show_views:
-        ckpt, epoch = os.path.join(args.out, "checkpoint.pth"), 0
-        if os.path.exists(ckpt):  # the boxes and the network of the run so far
-            spe = len(data.train) // args.batch_size
-            ck = common.load_checkpoint(ckpt, args, "contrastive_crop", spe)
-            setup.model.load_state_dict(ck["model"])
-            state.load_state_dict(ck["extra"])
-            epoch = ck["step"] // spe
-        else:
-            state.start_epoch(1)
-        os.makedirs(args.out, exist_ok=True)
-        paths = [os.path.join(args.out, f) for f in (f"views_e{epoch}.png", "box_trajectory.png")]
-        if common.is_main():
-            plot_views(args, data, state, setup.model.to(args.device).backbone, setup.views_fn, setup.sizes, setup.recipes, paths[0])
-            plot_trajectory(data, state, paths[1])
-        common.finish({"method": "contrastive_crop", "crop": args.crop, "views": paths[0], "trajectory": paths[1]})
-        return
-    summary, _ = common.fit(args, setup.model, data, setup.views_fn, setup.sizes, setup.recipes,
-                            method="contrastive_crop", **setup.fit_kwargs)
-    common.finish({**summary, "framework": args.framework, "crop": args.crop, "box_area": state.epoch_logs()["box_area"]})
+def show(args, data, setup, path):
+    """--show-views: views.png (heatmaps, boxes, sampled crops and views) and box_trajectory.png of the run so far in
+    --out (its checkpoint's network and boxes), or of the initial boxes."""
+    state, ckpt = setup.state, os.path.join(args.out, "checkpoint.pth")
+    if os.path.exists(ckpt):
+        ck = common.load_checkpoint(ckpt, args, args.method, len(data.train) // args.batch_size)
+        common.restore(ck, model=setup.model, state=state)
+    else:
+        state.start_epoch(1)
+    trajectory = os.path.join(args.out, "box_trajectory.png")
+    if common.is_main():
+        plot_views(args, data, state, setup.model.to(args.device).backbone, setup.views, path)
+        plot_trajectory(data, state, trajectory)
+    return {"crop": args.crop, "epoch": state.epoch, "trajectory": trajectory}
 
 
 def main(argv=None):
-    common.launch(run, parse(argv))
+    common.main(parse, build, show, NORM_STATS, argv)  # NORM_STATS: the official configs'
 
 
 if __name__ == "__main__":

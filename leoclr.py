@@ -10,19 +10,22 @@ so every positive pair shares content; the crops are never compared with each ot
 encoder, queue, MLP head, temperature, SGD recipe) is MoCo-v2.
 
 Paper -> code
-  Eq. 1   InfoNCE of one query-key pair against the queue   info_nce_fp32 (common.info_nce in fp32)
+  Eq. 1   InfoNCE of one query-key pair against the queue   common.info_nce (fp32)
   Eq. 2   L = l(q(x), k(x1)) + l(q(x), k(x2))               leoclr_loss
   Alg. 1  original -> E_q, two crops -> E_k, EMA, queue     LeOCLRViews, LeOCLR.forward
-  --baseline: symmetric MoCo-v2 on the two crops            baseline_loss
+  --baseline: symmetric MoCo-v2 on the two crops            common.MoCoV2(symmetric=True)
 
 Commands
-  python leoclr.py --dataset synthetic --subset 512 --epochs 2 --batch-size 64 --queue-size 512 --stem imagenet --gpus 0  # CPU smoke
-  python leoclr.py --dataset cifar10 --data DIR --download                  # 1 GPU: MoCo's CIFAR demo recipe, 800 epochs
+  # CPU smoke
+  python leoclr.py --dataset synthetic --subset 512 --epochs 2 --batch-size 64 --queue-size 512 --stem imagenet --gpus 0
+  python leoclr.py --dataset cifar10 --data DIR --download                  # 1 GPU: MoCo's CIFAR demo recipe,
+                                                                             # 800 epochs
   python leoclr.py --dataset imagenet --data DIR --gpus 8                   # 8 GPUs, 32 images each
   torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 leoclr.py --dataset imagenet --data DIR
   python leoclr.py --dataset cifar10 --data DIR --baseline                  # symmetric MoCo-v2, everything else equal
-  python leoclr.py --dataset cifar10 --data DIR --anchor crop               # ablations: --anchor center|crop, --orig-aug
-                                                                             # flip|none, --enqueue first, --crop-scale 0.2 1
+  python leoclr.py --dataset cifar10 --data DIR --anchor crop               # ablations: --anchor center|crop,
+                                                                             # --orig-aug flip|none, --enqueue first,
+                                                                             # --crop-scale 0.2 1
   python leoclr.py --dataset cifar10 --data DIR --show-views                # views.png, no training
   python linear_eval.py runs/leoclr-cifar10 runs/leoclr-baseline-cifar10 --dataset cifar10 --data DIR
 """
@@ -42,13 +45,6 @@ def leoclr_loss(q, k1, k2, negatives, temperature):
     A sum, not a mean (a mean would halve the effective lr), and no k1-k2 term. Returns (L, term1, term2)."""
     term1 = common.info_nce(q, k1, negatives, temperature)
     term2 = common.info_nce(q, k2, negatives, temperature)
-    return term1 + term2, term1, term2
-
-
-def baseline_loss(q1, q2, k1, k2, negatives, temperature):
-    """--baseline, symmetric MoCo-v2 (the demo's symmetric option): l(q1, k2; N) + l(q2, k1; N)."""
-    term1 = common.info_nce(q1, k2, negatives, temperature)
-    term2 = common.info_nce(q2, k1, negatives, temperature)
     return term1 + term2, term1, term2
 
 
@@ -86,7 +82,7 @@ class LeOCLRViews:
 
 def leoclr_recipes(size, orig_aug="full", baseline=False):
     """MoCo-v2 aug+ for every view (blur only at ImageNet sizes); --orig-aug flip|none: no colour on x (A3)."""
-    crop = common.mocov2_recipe(blur=size >= 128)
+    crop = common.mocov2_recipe(blur=common.blurs("leoclr", size))
     original = crop if orig_aug == "full" else common.Recipe(p_jitter=0.0, p_gray=0.0)
     return [crop, crop] if baseline else [original, crop, crop]
 
@@ -97,13 +93,12 @@ def leoclr_recipes(size, orig_aug="full", baseline=False):
 class LeOCLR(common.MoCoV2):
     """E_q = g_q o f_q (trained by SGD) embeds the original x; E_k = EMA(E_q) embeds the crops x1, x2, one
     shuffle-BN pass each; a queue of K keys holds the negatives. common.MoCoV2 supplies E_q, E_k, the queue,
-    query() and keys(); only forward differs. baseline=True: symmetric MoCo-v2 on x1, x2."""
+    query() and keys(); only forward differs."""
 
-    def __init__(self, backbone, proj_dim=128, queue_size=4096, temperature=0.1, momentum=0.99, baseline=False,
-                 enqueue="both"):
+    def __init__(self, backbone, proj_dim=128, queue_size=4096, temperature=0.1, momentum=0.99, enqueue="both"):
         d = backbone.out_dim
         super().__init__(backbone, [d, d, proj_dim], queue_size, temperature, momentum)  # head Linear-ReLU-Linear
-        self.baseline, self.enqueue = baseline, enqueue
+        self.enqueue = enqueue
 
     @torch.no_grad()
     def enqueue_keys(self, k1, k2):
@@ -113,23 +108,14 @@ class LeOCLR(common.MoCoV2):
             self.queue.enqueue(k2)
 
     def forward(self, views, batch=None):
-        if self.baseline:
-            x1, x2 = views
-            q1, q2 = self.query(x1), self.query(x2)
-        else:
-            x, x1, x2 = views
-            q = self.query(x)  # the only pass with gradient: the whole image
+        x, x1, x2 = views
+        q = self.query(x)  # the only pass with gradient: the whole image
         common.ema_update(self.encoder_k, self.encoder_q, self.momentum)  # once per step, theta_q before the SGD step
         k1, k2 = self.keys(x1), self.keys(x2)  # E_k stays in train mode
         negatives = self.queue.queue.clone()  # one snapshot for both terms: this step's keys are never negatives
-        if self.baseline:
-            loss, t1, t2 = baseline_loss(q1, q2, k1, k2, negatives, self.temperature)
-            logs = {"loss_q1_k2": t1.detach(), "loss_q2_k1": t2.detach()}
-        else:
-            loss, t1, t2 = leoclr_loss(q, k1, k2, negatives, self.temperature)
-            logs = {"loss_x_x1": t1.detach(), "loss_x_x2": t2.detach()}
+        loss, t1, t2 = leoclr_loss(q, k1, k2, negatives, self.temperature)
         self.enqueue_keys(k1, k2)
-        return loss, logs
+        return loss, {"loss_x_x1": t1.detach(), "loss_x_x2": t2.detach()}
 
 
 def check_queue(queue_size, batch_size, enqueue):
@@ -151,7 +137,8 @@ SMALL = dict(arch="resnet18", stem="cifar", epochs=800, batch_size=512, lr=0.03,
 LARGE = dict(arch="resnet50", stem="imagenet", epochs=800, batch_size=256, lr=0.03, wd=1e-4, optimizer="sgd",
              warmup_epochs=0, bn_splits=8, temperature=0.2, ema=0.999, queue_size=65536)
 DEFAULTS = {
-    "cifar10": SMALL,        # [base method] MoCo CIFAR-10 demo: R18 CIFAR stem, 0.06 @ 512, wd 5e-4, t 0.1, m 0.99, K 4096
+    # [base method] MoCo CIFAR-10 demo: R18 CIFAR stem, 0.06 @ 512, wd 5e-4, t 0.1, m 0.99, K 4096
+    "cifar10": SMALL,
     "cifar100": SMALL,       # [our choice] the demo recipe, native 32 px
     "stl10": SMALL,          # [our choice] the demo recipe at native 96 px, pre-trained on the 100k unlabeled split
     "tinyimagenet": SMALL,   # [our choice] the demo recipe at native 64 px
@@ -184,15 +171,15 @@ def parse(argv=None):
     a("--queue-size", type=int, default=None,
       help="queue length K (65536 ImageNet, 4096 small datasets); a multiple of the keys per step (2 x batch)")
     argv = sys.argv[1:] if argv is None else argv
-    baseline = p.parse_known_args(argv)[0].baseline
-    args = common.parse(p, DEFAULTS, "leoclr-baseline" if baseline else "leoclr", argv)
-    args.method = "leoclr-baseline" if baseline else "leoclr"
+    args = common.parse(p, DEFAULTS, "leoclr", argv)
+    args.framework = "mocov2"  # --baseline: common.MoCoV2, symmetric
     args.resume_keys = ["queue_size", "proj_dim", "baseline", "anchor"]
     lo, hi = args.crop_scale
     if not 0 < lo <= hi <= 1:
         common.fail(f"--crop-scale {lo} {hi} must satisfy 0 < MIN <= MAX <= 1; LeOCLR uses 0.08 1.0")
-    if baseline and (args.anchor != "full" or args.orig_aug != "full"):
-        common.fail("--anchor and --orig-aug shape LeOCLR's query view, which --baseline does not have; drop them")
+    if args.baseline and (args.anchor != "full" or args.orig_aug != "full" or args.enqueue != "both"):
+        common.fail("--anchor, --orig-aug and --enqueue shape LeOCLR's query view and queue, which --baseline does not "
+                    "have (it is symmetric MoCo-v2); drop them")
     if args.proj_dim < 1:
         common.fail(f"--proj-dim {args.proj_dim} must be positive; LeOCLR uses 128")
     return args
@@ -201,15 +188,23 @@ def parse(argv=None):
 def build(args, data):
     check_queue(args.queue_size, args.batch_size, args.enqueue)
     size = common.view_size(args, data)
-    model = LeOCLR(common.build_backbone(args.arch, args.stem), args.proj_dim, args.queue_size, args.temperature,
-                   args.ema, args.baseline, args.enqueue)
+    backbone = common.build_backbone(args.arch, args.stem)
+    if args.baseline:  # the demo's symmetric MoCo-v2 with LeOCLR's head (Linear-ReLU-Linear)
+        d = backbone.out_dim
+        model = common.MoCoV2(backbone, [d, d, args.proj_dim], args.queue_size, args.temperature, args.ema,
+                              symmetric=True)
+    else:
+        model = LeOCLR(backbone, args.proj_dim, args.queue_size, args.temperature, args.ema, args.enqueue)
     scale = tuple(args.crop_scale)
     per_step = args.batch_size * (2 if args.enqueue == "both" else 1)
-    query = "x1<->x2 (symmetric MoCo-v2)" if args.baseline else f"query x = {args.anchor} image (orig-aug {args.orig_aug})"
+    query = ("x1<->x2 (symmetric MoCo-v2)" if args.baseline
+             else f"query x = {args.anchor} image (orig-aug {args.orig_aug})")
     common.print0(f"{args.method}: {query}, keys x1, x2 = crops of area {scale[0]:g}-{scale[1]:g} at {size} px; "
-                  f"queue K {args.queue_size} = {args.queue_size // per_step} steps of keys, tau {args.temperature}, m {args.ema}")
-    return common.Setup(model, LeOCLRViews(scale, args.anchor, args.orig_aug, args.baseline),
-                        [size] * (2 if args.baseline else 3), leoclr_recipes(size, args.orig_aug, args.baseline))
+                  f"queue K {args.queue_size} = {args.queue_size // per_step} steps of keys, "
+                  f"tau {args.temperature}, m {args.ema}")
+    return common.Setup(model, common.Views(LeOCLRViews(scale, args.anchor, args.orig_aug, args.baseline),
+                                            [size] * (2 if args.baseline else 3),
+                                            leoclr_recipes(size, args.orig_aug, args.baseline)))
 
 
 # ================================================================ --show-views
@@ -224,15 +219,17 @@ def box_iou(a, b):
 
 def show_views(args, data, setup, path, n=4):
     """views.png: per image the source with its boxes, then each view after crop+resize+flip, then after colour."""
-    ds = common.ViewDataset(data.train, setup.views_fn, setup.sizes, setup.recipes, args.seed)
+    if not common.is_main():
+        return
+    ds = common.ViewDataset(data.train, setup.views, args.seed)
     idx = random.Random(args.seed).sample(range(len(ds)), min(n, len(ds)))
     items = [ds[i] for i in idx]
     batch = torch.utils.data.default_collate(items)
     images = data.train.images if data.train.in_memory else None
     cpu = torch.device("cpu")
-    coloured = common.device_views(batch, images, data.mean, data.std, setup.sizes, cpu)
+    coloured = common.device_views(batch, images, data.mean, data.std, setup.views.sizes, cpu)
     plain = common.device_views({**batch, "photo": torch.zeros_like(batch["photo"])}, images, data.mean, data.std,
-                                setup.sizes, cpu)  # all-zero photometric parameters: geometry only
+                                setup.views.sizes, cpu)  # all-zero photometric parameters: geometry only
     names = ["x1", "x2"] if args.baseline else ["x", "x1", "x2"]
     colours = {"x": "white", "x1": "red", "x2": "blue"}
     rows = []
@@ -240,8 +237,9 @@ def show_views(args, data, setup, path, n=4):
         src = np.asarray(data.train.pil(i)) / 255.0
         H, W = src.shape[:2]
         boxes = dict(zip(names, item["boxes"].tolist()))
-        caption = "\n".join(f"{k}: area {b[2] * b[3] / (H * W):.2f}, aspect {b[3] / b[2]:.2f}"
-                            for k, b in boxes.items() if k != "x") + f"\nIoU(x1, x2) {box_iou(boxes['x1'], boxes['x2']):.2f}"
+        caption = ("\n".join(f"{k}: area {b[2] * b[3] / (H * W):.2f}, aspect {b[3] / b[2]:.2f}"
+                             for k, b in boxes.items() if k != "x")
+                   + f"\nIoU(x1, x2) {box_iou(boxes['x1'], boxes['x2']):.2f}")
         rows.append([{"img": src, "title": caption, "boxes": [(*b, colours[k], k) for k, b in boxes.items()]}]
                     + [{"img": common.denormalize(v[r], data.mean, data.std), "title": f"{k}: crop+resize+flip"}
                        for k, v in zip(names, plain)]
@@ -258,25 +256,8 @@ def show_views(args, data, setup, path, n=4):
 # ================================================================ main
 
 
-def run(args):
-    common.seed_everything(args.seed)
-    data = common.with_stats(common.load_data(args), NORM_STATS.get(args.dataset))  # the MoCo demo's
-    common.resolve_data(args, data)
-    setup = build(args, data)
-    if args.show_views:
-        path = os.path.join(args.out, "views.png")
-        if common.is_main():
-            os.makedirs(args.out, exist_ok=True)
-            show_views(args, data, setup, path)
-        common.finish({"method": args.method, "dataset": args.dataset, "views": path})
-        return
-    summary, _ = common.fit(args, setup.model, data, setup.views_fn, setup.sizes, setup.recipes, method=args.method,
-                            **setup.fit_kwargs)
-    common.finish(summary)
-
-
 def main(argv=None):
-    common.launch(run, parse(argv))
+    common.main(parse, build, show_views, NORM_STATS, argv)  # NORM_STATS: the MoCo demo's
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ smaller), no weight decay, 60 epochs for 1 % and 30 for 10 %, cosine (our choice
 GPUs; per process over gloo), test top-1 on centre crops. The checkpoint file is only read.
 
     python linear_eval.py runs/leoclr-cifar10 --dataset cifar10 --data DIR
-    python linear_eval.py runs/logo-cifar10 runs/leoclr-cifar10 --dataset cifar10 --data DIR --precompute   # table + comparison.png
+    # table + comparison.png
+    python linear_eval.py runs/logo-cifar10 runs/leoclr-cifar10 --dataset cifar10 --data DIR --precompute
     python linear_eval.py runs/clim-imagenet --dataset imagenet --data DIR --gpus 8 --protocol paper
     python linear_eval.py runs/clim-imagenet --dataset imagenet --data DIR --gpus 8 --finetune --labels 1percent.txt
     python linear_eval.py runs/x --dataset synthetic --knn-only
@@ -287,8 +288,8 @@ def augmented_batches(source, size, batch_size, data, args, transform):
     """epoch -> batches (transform(views), labels) of one RandomResizedCrop (0.08-1) + flip view per image, no colour
     changes; each rank takes its share of every global batch (GlobalBatchSampler). -> (batches, steps per epoch)."""
     dev, cuda = args.device, args.device.type == "cuda"
-    ds = common.ViewDataset(source, common.RandomResizedCrops(1, (0.08, 1.0)), [size],
-                            [common.Recipe(p_jitter=0.0, p_gray=0.0)], args.seed)
+    ds = common.ViewDataset(source, common.Views(common.RandomResizedCrops(1, (0.08, 1.0)), [size],
+                                                 [common.Recipe(p_jitter=0.0, p_gray=0.0)]), args.seed)
     sampler = common.GlobalBatchSampler(len(ds), batch_size, args.seed, common.get_rank(), common.get_world())
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=cuda,
                                          persistent_workers=args.workers > 0)
@@ -312,7 +313,7 @@ def run(args):
         raise common.UserError(f"{args.dataset} at {args.data} has no labelled train/val split to evaluate on")
     if args.workers is None:
         args.workers = common.default_workers(data.knn_train.in_memory, args)
-    size = args.size or common.VIEW_SIZE.get(args.dataset) or common.native_size(data.knn_train) or 224
+    size = args.size or common.DATASETS[args.dataset]["size"] or common.native_size(data.knn_train) or 224
     subset = labelled_subset(data.knn_train, args.labels, args.seed) if args.finetune else None
     results = {}
     for path in args.runs:

@@ -20,9 +20,12 @@ Commands:
   python logo.py --dataset synthetic --subset 256 --batch-size 32 --epochs 1 --stem imagenet --gpus 0  # CPU smoke
   python logo.py --dataset cifar10 --data DIR --download                 # 1 GPU: SimSiam-LoGo, R-18, 200 epochs
   python logo.py --dataset imagenet --data DIR --gpus 8                  # 8 GPUs: MoCo-v2-LoGo, R-50
-  torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 logo.py --dataset imagenet --data DIR
-  python logo.py --dataset cifar10 --data DIR --baseline                 # arms: --baseline, --ll-weight 0, --affinity cos
-  python logo.py --dataset cifar10 --data DIR --show-views               # views.png (+ affinity_hist.png after training)
+  torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+      logo.py --dataset imagenet --data DIR
+  python logo.py --dataset cifar10 --data DIR --baseline                 # arms: --baseline, --ll-weight 0,
+                                                                         # --affinity cos
+  python logo.py --dataset cifar10 --data DIR --show-views               # views.png (+ affinity_hist.png
+                                                                         # after training)
 """
 import math, os, random, sys
 
@@ -80,10 +83,10 @@ def repulsion_loss(logits):
 
 # ================================================================ affinity network T
 
-class AffinityTrainer:
+class AffinityTrainer(common.State):
     """T (code Regressor_softplus): [z_a | z_b] (2D) -> 256 -> BN-ReLU -> 256 -> BN-ReLU -> 1 logit, with its own SGD
     (constant lr). Deliberately not a submodule of the model: fit never optimises it or converts its BN; its state
-    (weights, BN buffers, momentum) travels as fit's extra_state. Under DDP it has its own wrapper, so all ranks train
+    (weights, BN buffers, momentum) travels as the Setup's state. Under DDP it has its own wrapper, so all ranks train
     the same T. Always fp32 (autocast off): it is tiny and stays outside the encoder's loss scaling."""
 
     def __init__(self, dim, hidden=256, lr=0.03, momentum=0.9, wd=1e-4, noise=0.0, device="cpu"):
@@ -130,8 +133,9 @@ class AffinityTrainer:
 
 # ================================================================ views
 
+# (global px, local px): code loader.py; STL/Tiny ours
 SIZES = {"cifar10": (32, 32), "cifar100": (32, 32), "synthetic": (32, 32), "stl10": (96, 48),
-         "tinyimagenet": (64, 32), "imagenet100": (224, 96), "imagenet": (224, 96)}  # (global px, local px), spec sec. 2
+         "tinyimagenet": (64, 32), "imagenet100": (224, 96), "imagenet": (224, 96)}
 LIKE = {32: "cifar10", 64: "tinyimagenet", 96: "stl10"}  # folder: the sizes of the dataset with the same image side
 
 
@@ -149,7 +153,7 @@ class LoGoViews:
 
 # ================================================================ model
 
-class LoGo(nn.Module):
+class LoGo(common.Model):
     """LoGo around a common.py base framework `base` (common.SimSiam, or common.MoCoV2 with symmetric=True), whose
     encoder, predictor, key encoder and queue it uses. forward([g1, g2, l1, l2]) -> (L_main + ll_weight L_ll, logs);
     with baseline=True: views [g1, g2] and the base framework's own two-view loss, bit for bit."""
@@ -157,7 +161,8 @@ class LoGo(nn.Module):
     def __init__(self, base, framework, ll_weight=1e-4, affinity=None, baseline=False):
         super().__init__()
         self.base, self.framework, self.ll_weight, self.baseline = base, framework, ll_weight, baseline
-        self.affinity = affinity  # AffinityTrainer (a plain object, so not a submodule), or None (cos / lambda 0 / baseline)
+        # AffinityTrainer (a plain object, so not a submodule), or None (cos / lambda 0 / baseline)
+        self.affinity = affinity
         self.sync_bn = framework == "simsiam"  # MoCo uses shuffle-BN instead
         self._keys = None
 
@@ -235,26 +240,33 @@ def parse(argv=None):
     a = p.add_argument
     a("--framework", default=None, choices=["simsiam", "mocov2"],
       help="base framework: simsiam (small datasets, the paper's CIFAR-10 number) or mocov2 (ImageNet, official code)")
-    a("--ll-weight", type=float, default=1e-4, help="lambda of the local-local repulsion L_ll (Eq. 9): 1e-4; 0 = multi-crop arm")
-    a("--global-size", type=int, default=None, help="global crop side in px (32 CIFAR, 64 Tiny, 96 STL-10, 224 ImageNet)")
+    a("--ll-weight", type=float, default=1e-4,
+      help="lambda of the local-local repulsion L_ll (Eq. 9): 1e-4; 0 = multi-crop arm")
+    a("--global-size", type=int, default=None,
+      help="global crop side in px (32 CIFAR, 64 Tiny, 96 STL-10, 224 ImageNet)")
     a("--local-size", type=int, default=None, help="local crop side in px (32 CIFAR/Tiny, 48 STL-10, 96 ImageNet)")
-    a("--global-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"), help="global crop area fraction: 0.4 1")
-    a("--local-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"), help="local crop area fraction: 0.05 0.4")
+    a("--global-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"),
+      help="global crop area fraction: 0.4 1")
+    a("--local-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"),
+      help="local crop area fraction: 0.05 0.4")
     a("--aff-hidden", type=int, default=256, help="hidden width of the affinity MLP T: 256")
     a("--aff-lr", type=float, default=0.03, help="SGD lr of T per 256 images, constant (no schedule): 0.03")
     a("--aff-momentum", type=float, default=0.9, help="SGD momentum of T: 0.9")
     a("--aff-wd", type=float, default=1e-4, help="weight decay of T: 1e-4")
-    a("--aff-noise", type=float, default=0.0, help="ablation: noise std x sqrt(D) on T's positive rows (the code: 0.3); 0 = none")
-    a("--affinity", default="mlp", choices=["mlp", "cos"], help="mlp: learned affinity T (LoGo); cos: L_ll = mean cosine (ablation)")
+    a("--aff-noise", type=float, default=0.0,
+      help="ablation: noise std x sqrt(D) on T's positive rows (the code: 0.3); 0 = none")
+    a("--affinity", default="mlp", choices=["mlp", "cos"],
+      help="mlp: learned affinity T (LoGo); cos: L_ll = mean cosine (ablation)")
     a("--moco-t", type=float, default=0.2, help="MoCo-v2 temperature: 0.2")
-    a("--moco-k", "--queue-size", dest="moco_k", type=int, default=None, help="MoCo queue length K: 65536 ImageNet, 4096 small; >= 2 x batch")
+    a("--moco-k", "--queue-size", dest="moco_k", type=int, default=None,
+      help="MoCo queue length K: 65536 ImageNet, 4096 small; >= 2 x batch")
     a("--moco-m", type=float, default=0.999, help="MoCo key-encoder EMA momentum: 0.999")
     a("--moco-dim", type=int, default=128, help="MoCo embedding width D_z: 128")
     argv = sys.argv[1:] if argv is None else argv
     pre = p.parse_known_args(argv)[0]
     fw = pre.framework or DEFAULTS.get(pre.dataset, _SMALL)["framework"]  # another framework: its BN policy, same row
     defaults = {d: {**row, "framework": fw, "bn_splits": 8 if fw == "mocov2" else 1} for d, row in DEFAULTS.items()}
-    args = common.parse(p, defaults, "logo-baseline" if pre.baseline else "logo", argv)
+    args = common.parse(p, defaults, "logo", argv)
     args.resume_keys = ["baseline", "ll_weight", "global_size", "local_size", "global_scale", "local_scale", "affinity",
                         "aff_hidden", "aff_lr", "aff_noise", "moco_k", "moco_t", "moco_m", "moco_dim"]
     for name, (lo, hi) in (("global", args.global_scale), ("local", args.local_scale)):
@@ -268,21 +280,23 @@ def parse(argv=None):
 
 
 def view_plan(args, side):
-    """Resolve the crop sizes (spec sec. 2 table; folder: by its image side) -> (views_fn, sizes, recipes)."""
+    """Resolve the crop sizes (paper Sec. 4.1 and the code's loader.py; folder: by its image side) -> Views."""
     g, l = SIZES.get(args.dataset) or SIZES[LIKE.get(side, "imagenet")]
     args.global_size, args.local_size = args.global_size or g, args.local_size or l
     G, L = args.global_size, args.local_size
     if args.baseline:  # the base framework's two views: scale (0.2, 1) at the global size
-        views_fn, sizes = common.two_views((0.2, 1.0)), [G, G]
+        crops, sizes = common.two_views((0.2, 1.0)), [G, G]
     else:
-        views_fn, sizes = LoGoViews(args.global_scale, args.local_scale), [G, G, L, L]
-    return views_fn, sizes, [common.mocov2_recipe(blur=s >= 96) for s in sizes]  # MoCo-v2 recipe on every view
+        crops, sizes = LoGoViews(args.global_scale, args.local_scale), [G, G, L, L]
+    # MoCo-v2 recipe, all views
+    return common.Views(crops, sizes, [common.mocov2_recipe(common.blurs("logo", s)) for s in sizes])
 
 
 def build(args, data):
-    views_fn, sizes, recipes = view_plan(args, common.native_size(data.train))
+    views = view_plan(args, common.native_size(data.train))
     if args.batch_size // common.get_world() < 2:
-        raise common.UserError(f"--batch-size {args.batch_size} leaves < 2 images per process; LoGo needs 2 for negatives")
+        raise common.UserError(f"--batch-size {args.batch_size} leaves < 2 images per process; "
+                               "LoGo needs 2 for negatives")
     backbone = common.build_backbone(args.arch, args.stem, zero_init_residual=args.framework == "simsiam")
     d = backbone.out_dim
     if args.framework == "simsiam":  # projector d-2048-2048 (+2048 on ImageNet) with BN; predictor 2048-512-2048
@@ -294,20 +308,22 @@ def build(args, data):
     affinity = None
     if not args.baseline and args.ll_weight > 0 and args.affinity == "mlp":
         aff_lr = args.aff_lr * args.batch_size / 256
-        affinity = AffinityTrainer(dim, args.aff_hidden, aff_lr, args.aff_momentum, args.aff_wd, args.aff_noise, args.device)
+        affinity = AffinityTrainer(dim, args.aff_hidden, aff_lr, args.aff_momentum, args.aff_wd, args.aff_noise,
+                                   args.device)
         common.print0(f"affinity net T: {2 * dim}-{args.aff_hidden}-{args.aff_hidden}-1, constant lr {aff_lr:.4g} "
                       f"(= {args.aff_lr} x {args.batch_size}/256), lambda {args.ll_weight}")
     model = LoGo(base, args.framework, args.ll_weight, affinity, args.baseline)
-    return common.Setup(model, views_fn, sizes, recipes, dict(extra_state=affinity))
+    return common.Setup(model, views, affinity)
 
 
 def plot_views(args, data, setup, path):
-    """views.png: per image the source with g1/g2 (green) and l1/l2 (orange) boxes and area fractions, then the views."""
-    ds = common.ViewDataset(data.train, setup.views_fn, setup.sizes, setup.recipes, args.seed)
+    """views.png: per image the source with g1/g2 (green) and l1/l2 (orange) boxes and area fractions,
+    then the views."""
+    ds = common.ViewDataset(data.train, setup.views, args.seed)
     idx = random.Random(args.seed).sample(range(len(ds)), min(4, len(ds)))
     batch = torch.utils.data.default_collate([ds[i] for i in idx])
     images = data.train.images if data.train.in_memory else None
-    views = common.device_views(batch, images, data.mean, data.std, setup.sizes, torch.device("cpu"))
+    views = common.device_views(batch, images, data.mean, data.std, setup.views.sizes, torch.device("cpu"))
     names, rows = ["g1", "g2", "l1", "l2"], []
     for r, i in enumerate(idx):
         src = np.asarray(data.train.pil(i)) / 255.0
@@ -316,18 +332,17 @@ def plot_views(args, data, setup, path):
                  for k, (t, l, h, w) in enumerate(batch["boxes"][r].tolist())]
         rows.append([{"img": src, "title": f"image {i}", "boxes": boxes}] + [
             {"img": common.denormalize(views[k][r], data.mean, data.std), "title": f"{names[k]} {s}px"}
-            for k, s in enumerate(setup.sizes)])
+            for k, s in enumerate(setup.views.sizes)])
     common.save_figure_grid(rows, path, "LoGo views: global crops (green), local crops (orange), area fractions")
 
 
 @torch.no_grad()
 def plot_affinity(args, data, setup, ckpt, path, batches=8):
     """affinity_hist.png: eval-mode T logits of same-image local pairs vs deranged pairs, from a checkpoint."""
-    ck = common.load_checkpoint(ckpt, args, "logo", len(data.train) // args.batch_size)
-    model, affinity, device = setup.model.to(args.device), setup.fit_kwargs["extra_state"], args.device
-    model.load_state_dict(ck["model"])
-    affinity.load_state_dict(ck["extra"])
-    ds = common.ViewDataset(data.train, setup.views_fn, setup.sizes, setup.recipes, args.seed)
+    ck = common.load_checkpoint(ckpt, args, args.method, len(data.train) // args.batch_size)
+    model, affinity, device = setup.model.to(args.device), setup.state, args.device
+    common.restore(ck, model=model, state=affinity)
+    ds = common.ViewDataset(data.train, setup.views, args.seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=min(args.batch_size, 256), shuffle=True, drop_last=True,
                                          num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
     images = data.train.images.to(device) if data.train.in_memory else None
@@ -336,7 +351,7 @@ def plot_affinity(args, data, setup, ckpt, path, batches=8):
         local = {k: batch[k][:, 2:] for k in ("src", "boxes", "flips", "photo")}
         local.update({f"view{k - 2}": batch[f"view{k}"] for k in (2, 3) if f"view{k}" in batch})
         a, b = (F.normalize(model.embed(v).float(), dim=1)
-                for v in common.device_views(local, images, data.mean, data.std, setup.sizes[2:], device))
+                for v in common.device_views(local, images, data.mean, data.std, setup.views.sizes[2:], device))
         x, y = affinity_batch(a, b, derangement(len(a), device))
         logits.append(affinity.score(x).cpu())
         labels.append(y.cpu() > 0)
@@ -354,29 +369,20 @@ def plot_affinity(args, data, setup, ckpt, path, batches=8):
     return acc
 
 
-def run(args):
-    common.seed_everything(args.seed)
-    data = common.with_stats(common.load_data(args), NORM_STATS.get(args.dataset))  # the code's loader.py
-    common.resolve_data(args, data)
-    setup = build(args, data)
-    if args.show_views:
-        os.makedirs(args.out, exist_ok=True)
-        out = {"method": "logo", "views": os.path.join(args.out, "views.png")}
-        if common.is_main():
-            plot_views(args, data, setup, out["views"])
-            ckpt = os.path.join(args.out, "checkpoint.pth")
-            if os.path.exists(ckpt) and setup.fit_kwargs["extra_state"] is not None:
-                out["affinity_hist"] = os.path.join(args.out, "affinity_hist.png")
-                out["affinity_acc"] = plot_affinity(args, data, setup, ckpt, out["affinity_hist"])
-        common.finish(out)
-        return
-    summary, _ = common.fit(args, setup.model, data, setup.views_fn, setup.sizes, setup.recipes, method="logo",
-                            **setup.fit_kwargs)
-    common.finish(summary)
+def show(args, data, setup, path):
+    """--show-views: views.png; with a checkpoint in --out also affinity_hist.png (T on same-image vs other pairs)."""
+    out = {}
+    if common.is_main():
+        plot_views(args, data, setup, path)
+        ckpt = os.path.join(args.out, "checkpoint.pth")
+        if os.path.exists(ckpt) and setup.state is not None:
+            out["affinity_hist"] = os.path.join(args.out, "affinity_hist.png")
+            out["affinity_acc"] = plot_affinity(args, data, setup, ckpt, out["affinity_hist"])
+    return out
 
 
 def main(argv=None):
-    common.launch(run, parse(argv))
+    common.main(parse, build, show, NORM_STATS, argv)  # NORM_STATS: the official code's loader.py
 
 
 if __name__ == "__main__":

@@ -55,9 +55,7 @@ def bench(name, extra, device, steps, warmup):
     args, data, setup = load(name, extra, device)
     model = common.batch_norm_policy(setup.model, False, args.bn_splits).to(device)
     opt = common.make_optimizer(model, args)
-    kw = setup.fit_kwargs
-    ds = common.ViewDataset(data.train, setup.views_fn, setup.sizes, setup.recipes, args.seed,
-                            kw.get("sources_fn"), kw.get("extra_fn"))
+    ds = common.ViewDataset(data.train, setup.views, args.seed)
     sampler = common.GlobalBatchSampler(len(ds), args.batch_size, args.seed)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
@@ -81,7 +79,7 @@ def bench(name, extra, device, steps, warmup):
             sync(device)
             t0 = time.perf_counter()
         b = next(it)
-        prepared.append((common.device_views(b, images, data.mean, data.std, setup.sizes, device, cl), b))
+        prepared.append((common.device_views(b, images, data.mean, data.std, setup.views.sizes, device, cl), b))
     sync(device)
     data_ips = steps * args.batch_size / (time.perf_counter() - t0)
 
@@ -117,8 +115,8 @@ def bench(name, extra, device, steps, warmup):
 
     step_ips = timed(full_step)
     bare_ips = timed(bare_step)
-    return dict(method=name, views="+".join(str(s) for s in setup.sizes), data=data_ips, step=step_ips, bare=bare_ips,
-                step_over_bare=bare_ips / step_ips, data_over_step=data_ips / step_ips)
+    return dict(method=name, views="+".join(str(s) for s in setup.views.sizes), data=data_ips, step=step_ips,
+                bare=bare_ips, step_over_bare=bare_ips / step_ips, data_over_step=data_ips / step_ips)
 
 
 def write_jpegs(root, n=200):
@@ -145,9 +143,7 @@ def data_path(name, extra, items, block=20):
     if data.train.in_memory:
         raise common.UserError(f"{args.data} holds small images, kept in memory and cropped on the device; "
                                "--data-path needs large ones (e.g. ImageNet JPEGs)")
-    kw = setup.fit_kwargs
-    paths = [common.ViewDataset(data.train, setup.views_fn, setup.sizes, setup.recipes, args.seed,
-                                kw.get("sources_fn"), kw.get("extra_fn"), pil=pil) for pil in (True, False)]
+    paths = [common.ViewDataset(data.train, setup.views, args.seed, pil=pil) for pil in (True, False)]
     n = len(data.train)
     for ds in paths:  # warm-up: every file in the page cache, both paths run once
         for i in range(n):
@@ -161,7 +157,7 @@ def data_path(name, extra, items, block=20):
                 ds[i % n]
             seconds[k] += time.process_time() - t
     done = len(starts) * block
-    return dict(method=name, views="+".join(str(s) for s in setup.sizes), pil=done / seconds[0],
+    return dict(method=name, views="+".join(str(s) for s in setup.views.sizes), pil=done / seconds[0],
                 torch=done / seconds[1])
 
 
@@ -192,12 +188,14 @@ def data_path_table(methods, a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=None, help="default: the four frameworks and every method file present")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="default: the four frameworks and every method file present")
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--data", default=None, help="dataset root (default ./data); with --data-path an ImageFolder of "
                    "large JPEGs (default: 200 generated 500x375 ones)")
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--stem", default="imagenet", help="imagenet on 32 px is the cheap CPU setting; cifar for real CIFAR cost")
+    p.add_argument("--stem", default="imagenet",
+                   help="imagenet on 32 px is the cheap CPU setting; cifar for real CIFAR cost")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -215,9 +213,11 @@ def main():
         return data_path_table(methods, a)
     extra = ["--dataset", a.dataset, "--data", a.data or "./data", "--arch", a.arch, "--stem", a.stem,
              "--batch-size", str(a.batch_size),
-             "--workers", str(a.workers), "--precision", a.precision, "--subset", str(max(a.batch_size * (a.steps + a.warmup), 256)),
+             "--workers", str(a.workers), "--precision", a.precision,
+             "--subset", str(max(a.batch_size * (a.steps + a.warmup), 256)),
              "--out", "/tmp/benchmark-unused"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     print(f"device: {name}; torch {torch.__version__}; dataset {a.dataset}, arch {a.arch} ({a.stem} stem), "
           f"batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up")
     rows = []

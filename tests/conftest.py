@@ -11,7 +11,8 @@ sys.path.insert(0, str(ROOT))
 from common import free_port  # noqa: E402,F401  (the tests import it from here)
 CIFAR_MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"
 requires_cifar_mini = pytest.mark.skipif(not CIFAR_MINI.exists(),
-                                         reason=f"real data {CIFAR_MINI} is absent (it ships beside the repository, not in it)")
+                                         reason=f"real data {CIFAR_MINI} is absent "
+                                                f"(it ships beside the repository, not in it)")
 
 # A few-step run: 32 px synthetic images, ImageNet stem (~12x cheaper than the CIFAR stem), no kNN monitor.
 TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--stem", "imagenet", "--knn-every", "0",

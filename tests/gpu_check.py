@@ -82,10 +82,10 @@ def run_entry(name, argv, steps, warmup, cuda):
         try:
             with contextlib.redirect_stdout(out):
                 if name in FRAMEWORKS:
-                    common.launch(common.run_base, common.parse_base(["--framework", name, *argv]))
+                    common.main_base(["--framework", name, *argv])
                 else:
                     mod = importlib.import_module(name)
-                    common.launch(mod.run, mod.parse(argv))
+                    mod.main(argv)
         except BaseException as e:  # one failing entry point must not hide the others' numbers
             row["error"] = f"{type(e).__name__}: {e}"[:200]
         finally:

@@ -89,7 +89,8 @@ def test_spherical_kmeans_recovers_blobs_and_reseeds_empty_clusters():
     g = torch.Generator().manual_seed(0)
     z = F.normalize(e.repeat_interleave(20, 0) + 0.05 * torch.randn(60, 3, generator=g), dim=1)
     c, a = clim.spherical_kmeans(z, 3, 10, seed=3)
-    assert sorted(set(a.view(3, 20).mode(1).values.tolist())) == [0, 1, 2] and all(len(set(r)) == 1 for r in a.view(3, 20).tolist())
+    assert (sorted(set(a.view(3, 20).mode(1).values.tolist())) == [0, 1, 2]
+            and all(len(set(r)) == 1 for r in a.view(3, 20).tolist()))
     assert torch.allclose(c.norm(dim=1), torch.ones(3), atol=1e-5)
     c2, a2 = clim.spherical_kmeans(z, 3, 10, seed=3)
     assert torch.equal(c, c2) and torch.equal(a, a2)
@@ -111,8 +112,9 @@ def test_neighbour_draw_and_persistent_workers():
     assert seen == {5, 7} and clim.neighbour_sources(table, 1, random.Random(0)) == [1]
     table.fill_(-1)
     src = common.Source([0] * 8, images=torch.zeros(8, 3, 8, 8, dtype=torch.uint8))
-    ds = common.ViewDataset(src, clim.CLIMViews(clim.view_names(False, "cutmix", [])), [8] * 4, [common.Recipe()] * 4,
-                            0, lambda i, rng: clim.neighbour_sources(table, i, rng))
+    views = common.Views(clim.CLIMViews(clim.view_names(False, "cutmix", [])), [8] * 4, [common.Recipe()] * 4,
+                         lambda i, rng: clim.neighbour_sources(table, i, rng))
+    ds = common.ViewDataset(src, views, 0)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, persistent_workers=True)
     first = next(iter(loader))["src"][:, 2]
     table.copy_(torch.tensor([[(i + 1) % 8, -1, -1, -1] for i in range(8)], dtype=torch.int32))
@@ -169,7 +171,7 @@ def test_baseline_loss_equals_common_mocov2():
     data = common.load_data(args)
     common.resolve_data(args, data)
     setup = clim.build(args, data)
-    assert setup.model.names == ["x_q", "x_k"] and setup.sizes == [32, 32] and setup.fit_kwargs == {}
+    assert setup.model.names == ["x_q", "x_k"] and setup.views.sizes == [32, 32] and setup.state is None
     ref = common.MoCoV2(common.build_backbone("resnet18", "imagenet"), [512, 512, 128], args.queue_size, 0.2, 0.999)
     ref.load_state_dict(setup.model.state_dict())
     views = [torch.randn(16, 3, 32, 32) for _ in range(2)]
@@ -186,14 +188,14 @@ def test_views_shapes_and_sources():
     data = common.load_data(args)
     common.resolve_data(args, data)
     s = clim.build(args, data)
-    assert s.sizes == [32, 32, 32, 32, 24, 16] and len(s.recipes) == 6
-    sel = s.fit_kwargs["extra_state"]
+    assert s.views.sizes == [32, 32, 32, 32, 24, 16] and len(s.views.recipes) == 6
+    sel = s.state
     sel.table[3, 0] = 9
-    ds = common.ViewDataset(data.train, s.views_fn, s.sizes, s.recipes, 0, s.fit_kwargs["sources_fn"], s.fit_kwargs["extra_fn"])
+    ds = common.ViewDataset(data.train, s.views, 0)
     batch = torch.utils.data.default_collate([ds[i] for i in (3, 4)])
     assert batch["src"][0].tolist() == [3, 3, 9, 9, 3, 3] and batch["src"][1].tolist() == [4] * 6  # j = 9; 4 has none
-    views = common.device_views(batch, data.train.images, data.mean, data.std, s.sizes, torch.device("cpu"))
-    assert [tuple(v.shape) for v in views] == [(2, 3, z, z) for z in s.sizes]
+    views = common.device_views(batch, data.train.images, data.mean, data.std, s.views.sizes, torch.device("cpu"))
+    assert [tuple(v.shape) for v in views] == [(2, 3, z, z) for z in s.views.sizes]
     assert 0 <= batch["mix_lam0"].min() and batch["mix_centre"].shape == (2, 2)
 
 
@@ -201,8 +203,9 @@ def test_views_shapes_and_sources():
 
 def selection_for_test(tmp_path, n=24):
     g = torch.Generator().manual_seed(0)
-    data = common.Data(common.Source(torch.arange(n) % 3, images=torch.randint(0, 255, (n, 3, 8, 8), generator=g,
-                                                                             dtype=torch.uint8)), None, None, (0.5,) * 3, (0.25,) * 3)
+    data = common.Data(common.Source(torch.arange(n) % 3,
+                                     images=torch.randint(0, 255, (n, 3, 8, 8), generator=g, dtype=torch.uint8)),
+                       None, None, (0.5,) * 3, (0.25,) * 3)
     args = types.SimpleNamespace(knn=4, select="center", select_start=2, select_every=3, kmeans_iters=5, seed=0,
                                  device=torch.device("cpu"), workers=0, out=str(tmp_path))
     torch.manual_seed(0)
@@ -285,7 +288,7 @@ def test_e2e_smoke_and_show_views(runs):
     assert set(r.json) >= {"method", "dataset", "epochs", "steps", "train_time_s", "images_per_s", "knn_top1", "out"}
     assert r.json["method"] == "clim" and r.json["steps"] == 4
     ck = torch.load(root / "straight" / "checkpoint.pth", weights_only=False)
-    assert ck["extra"]["last_select_epoch"] == 1 and (ck["extra"]["table"] >= 0).any()
+    assert ck["state"]["last_select_epoch"] == 1 and (ck["state"]["table"] >= 0).any()
     assert all(math.isfinite(h["loss"]) for h in ck["history"]) and "select_has_neighbour" in ck["history"][-1]
     assert os.path.exists(root / "straight" / "selection_e0001.png")
     v = run_cli("clim.py", *CLI, "--out", root / "straight", "--show-views")
@@ -303,7 +306,8 @@ def test_e2e_resume_is_exact_and_does_not_reselect(runs):
     a = torch.load(root / "straight" / "checkpoint.pth", weights_only=False)
     b = torch.load(root / "resumed" / "checkpoint.pth", weights_only=False)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # f_q, f_k, queue, ptr
-    assert torch.equal(a["extra"]["table"], b["extra"]["table"]) and torch.equal(a["extra"]["centres"], b["extra"]["centres"])
+    assert (torch.equal(a["state"]["table"], b["state"]["table"])
+            and torch.equal(a["state"]["centres"], b["state"]["centres"]))
 
 
 def test_e2e_two_processes_match_split_bn(tmp_path):
@@ -312,8 +316,8 @@ def test_e2e_two_processes_match_split_bn(tmp_path):
     args = without(CLI, "--bn-splits")
     assert_same_update(*last_step_both_ways("clim.py", args, 3, tmp_path))
     a, b = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=False) for d in ("one", "two"))
-    assert b["extra"]["last_select_epoch"] == 1 and b["step"] == 3
-    assert torch.equal(a["extra"]["table"], b["extra"]["table"])
+    assert b["state"]["last_select_epoch"] == 1 and b["step"] == 3
+    assert torch.equal(a["state"]["table"], b["state"]["table"])
 
 
 def test_e2e_baseline(tmp_path):

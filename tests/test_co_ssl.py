@@ -112,7 +112,8 @@ def test_5_gradient_flow():
     assert not torch.equal(t1, z1)                                        # reading A: t = g2_xi(y'), not z'
     glob = list(model.online.projector.parameters()) + list(model.predictor.parameters())
     local = list(model.online.local_projector.parameters()) + list(model.local_predictor.parameters())
-    grads = torch.autograd.grad(co_ssl.local_loss(P1, P2, t1, t2), fmaps + glob + local, allow_unused=True, retain_graph=True)
+    grads = torch.autograd.grad(co_ssl.local_loss(P1, P2, t1, t2), fmaps + glob + local, allow_unused=True,
+                                retain_graph=True)
     for g in grads[:2]:
         assert (g.abs().sum((0, 1)) > 0).all()                             # every (i, j) receives a gradient
     assert all(g is None for g in grads[2:2 + len(glob)]) and all(g is not None for g in grads[2 + len(glob):])
@@ -276,12 +277,12 @@ def test_14_round_trip(tiny):
         return model, common.make_optimizer(model, args)
 
     setup = co_ssl.build(args, data)
-    ds = common.ViewDataset(data.train, setup.views_fn, setup.sizes, setup.recipes, args.seed)
+    ds = common.ViewDataset(data.train, setup.views, args.seed)
     batches = [torch.utils.data.default_collate([ds[i] for i in range(k * 16, k * 16 + 16)]) for k in range(3)]
 
     def step(model, opt, k):
         model.progress = k / 4
-        views = common.device_views(batches[k], data.train.images, data.mean, data.std, setup.sizes, args.device)
+        views = common.device_views(batches[k], data.train.images, data.mean, data.std, setup.views.sizes, args.device)
         loss, _ = model(views, batches[k])
         opt.zero_grad()
         loss.backward()

@@ -175,7 +175,7 @@ def test_photometric_draws_differ_per_sample():
     assert not torch.equal(a, torch.tensor(rec.draw(common.sample_rng(0, 1, 0))))  # next epoch differs
     x = torch.rand(1, 3, 16, 16).repeat(2, 1, 1, 1)
     p = torch.stack([a, b])
-    p[:, 0] = 1.0
+    p[:, common.P_ON] = 1.0  # jitter on for both
     y = common.photometric(x, p)
     assert not torch.allclose(y[0], y[1])
 
@@ -216,7 +216,8 @@ def test_global_batch_sampler_ranks_partition_the_single_process_batches():
 
 def test_view_dataset_is_seeded_by_seed_epoch_index():
     src = common.Source(torch.zeros(10, dtype=torch.long), images=torch.zeros(10, 3, 32, 32, dtype=torch.uint8))
-    ds = common.ViewDataset(src, common.two_views((0.2, 1)), [32, 32], [common.mocov2_recipe(False)] * 2, seed=1)
+    ds = common.ViewDataset(src, common.Views(common.two_views((0.2, 1)), [32, 32], [common.mocov2_recipe(False)] * 2),
+                            seed=1)
     a, b = ds[3], ds[3]
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["photo"], b["photo"])
     ds.epoch.fill_(1)
@@ -252,9 +253,10 @@ def test_split_batch_norm_equals_per_chunk_batch_norm():
 
 def test_lars_excludes_biases_and_adapts_weights():
     torch.manual_seed(0)
-    lin = nn.Linear(4, 4)
+    model = common.Model()  # the optimizer takes a model's param_groups()
+    model.lin = lin = nn.Linear(4, 4)
     args = type("A", (), dict(optimizer="lars", lr=1.0, batch_size=256, wd=0.1, lars_eta=0.02, lars_clip=1))()
-    opt = common.make_optimizer(lin, args)
+    opt = common.make_optimizer(model, args)
     groups = {g.get("lars_exclude", False): g for g in opt.param_groups}
     assert groups[True]["weight_decay"] == 0.0 and groups[True]["params"][0] is lin.bias
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
@@ -269,7 +271,8 @@ def test_lr_schedule_warmup_cosine_floor():
     assert common.lr_factor(0, 10, 10, warmup_epochs=1) == pytest.approx(0.1)
     assert common.lr_factor(10, 10, 10, warmup_epochs=1) == pytest.approx(1.0)
     assert common.lr_factor(100, 10, 10) == pytest.approx(0.0)
-    assert common.lr_factor(19, 10, 4, floor=0.1, per_epoch=True) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert (common.lr_factor(19, 10, 4, floor=0.1, per_epoch=True)
+            == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))))
 
 
 def test_rf_backbone_keeps_leading_3x3():
@@ -356,7 +359,8 @@ def test_backbone_pth_loads_into_plain_torchvision(tmp_path):
     net.load_state_dict(ck["state_dict"], strict=True)
     trained = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)["model"]
     ours = common.build_backbone("resnet18", "cifar")
-    ours.load_state_dict({k[len("online.backbone."):]: v for k, v in trained.items() if k.startswith("online.backbone.")})
+    ours.load_state_dict({k[len("online.backbone."):]: v for k, v in trained.items()
+                          if k.startswith("online.backbone.")})
     x = torch.randn(3, 3, 32, 32)
     assert torch.allclose(net.eval()(x), ours.eval()(x), atol=1e-6)
 
@@ -369,8 +373,9 @@ def test_nonfinite_loss_stops_with_a_clear_message():
 @requires_cifar_mini
 def test_real_data_short_run(tmp_path):
     out = str(tmp_path / "real")
-    r = run_cli("common.py", "--framework", "simclr", "--dataset", "folder", "--data", str(CIFAR_MINI), "--stem", "imagenet",
-                "--batch-size", "32", "--epochs", "1", "--max-steps", "3", "--gpus", "0", "--out", out)
+    r = run_cli("common.py", "--framework", "simclr", "--dataset", "folder", "--data", str(CIFAR_MINI),
+                "--stem", "imagenet", "--batch-size", "32", "--epochs", "1", "--max-steps", "3", "--gpus", "0",
+                "--out", out)
     assert r.rc == 0, r.err
     assert "10000 images" in r.out
     assert r.json["knn_top1"] > 20      # 10 classes; real features (even barely trained) are far above chance
@@ -445,7 +450,8 @@ def test_linear_eval_compares_several_runs(tmp_path):
     for n in ("a", "b"):
         torch.manual_seed(len(n) + ord(n))
         paths.append(str(tmp_path / f"{n}.pth"))
-        common.export_backbone(common.build_backbone("resnet18", "imagenet"), paths[-1], method=n, dataset="synthetic", epoch=0)
+        common.export_backbone(common.build_backbone("resnet18", "imagenet"), paths[-1], method=n, dataset="synthetic",
+                               epoch=0)
     r = run_cli("linear_eval.py", *paths, "--dataset", "synthetic", "--subset", "200", "--knn-only", "--gpus", "0",
                 "--out", str(tmp_path))
     assert r.rc == 0, r.err

@@ -64,20 +64,8 @@ def test_vectorised_boxes_equal_a_per_image_loop():
             ref = [ys.min() / size[0], xs.min() / size[1], ys.max() / size[0], xs.max() / size[1]]
             assert got[b].tolist() == pytest.approx([float(v) for v in ref], abs=1e-7)
         assert (got[:, 0] <= got[:, 2]).all() and (got[:, 1] <= got[:, 3]).all()
-        assert got.min() >= 0 and (got[:, 2] <= (size[0] - 1) / size[0]).all() and (got[:, 3] <= (size[1] - 1) / size[1]).all()
-
-
-def test_reassembly_by_index_matches_one_process():
-    n, ref = 37, torch.rand(37, 4)
-    for world in (1, 2, 3, 8):
-        rows_idx, rows = [], []
-        for r in range(world):                          # what each rank contributes to all_gather, rank-major
-            idx = cc.shard(n, r, world)
-            assert len(idx) == math.ceil(n / world) and (idx[idx >= 0] % world == r).all()
-            rows_idx.append(idx)
-            rows.append(torch.where((idx >= 0)[:, None], ref[idx.clamp(min=0)], torch.full((len(idx), 4), 9.0)))
-        got = cc.scatter_by_index(torch.cat(rows_idx), torch.cat(rows), n)
-        assert torch.equal(got, ref), world
+        assert (got.min() >= 0 and (got[:, 2] <= (size[0] - 1) / size[0]).all()
+                and (got[:, 3] <= (size[1] - 1) / size[1]).all())
 
 
 # ---------------------------------------------------------------- sampler
@@ -172,7 +160,8 @@ def test_schedule():
 
 def test_parse_defaults_and_errors(capsys):
     a = cc.parse(["--dataset", "imagenet", "--framework", "simclr"])
-    assert (a.arch, a.batch_size, a.lr, a.epochs, a.seed, a.alpha, a.box_thresh) == ("resnet50", 512, 0.025, 100, 42, 0.6, 0.1)
+    assert ((a.arch, a.batch_size, a.lr, a.epochs, a.seed, a.alpha, a.box_thresh)
+            == ("resnet50", 512, 0.025, 100, 42, 0.6, 0.1))
     b = cc.parse(["--dataset", "stl10", "--crop", "simccrop"])
     assert (b.arch, b.stem, b.batch_size, b.lr, b.bn_splits, b.alpha) == ("resnet18", "cifar", 512, 0.25, 8, 0.1)
     assert cc.parse(["--baseline"]).crop == "random"
@@ -189,7 +178,7 @@ def tiny_setup(*flags):
     args = cc.parse([*TINY, "--subset", "32", "--queue-size", "32", "--out", "/tmp/unused", *flags])
     args.device = torch.device("cpu")
     images, labels = common.synthetic_images(32)
-    data = common.Data(common.Source(labels, images=images), None, None, *common.STATS["synthetic"])
+    data = common.Data(common.Source(labels, images=images), None, None, *common.DATASETS["synthetic"]["stats"])
     return args, data, cc.build(args, data)
 
 
@@ -203,12 +192,14 @@ def test_losses_of_the_four_frameworks():
     moco = tiny_setup("--framework", "mocov2")[2].model
     assert (moco.temperature, moco.momentum) == (0.2, 0.999)
     q = torch.eye(16)[:1]
-    assert common.info_nce(q, q, torch.eye(16)[1:9], 0.2).item() == pytest.approx(math.log(1 + 8 * math.exp(-5)), abs=1e-5)
+    assert (common.info_nce(q, q, torch.eye(16)[1:9], 0.2).item()
+            == pytest.approx(math.log(1 + 8 * math.exp(-5)), abs=1e-5))
     assert common.info_nce(q, q, q.repeat(8, 1), 0.2).item() == pytest.approx(math.log(9), abs=1e-5)
     p, orth = torch.randn(5, 6), torch.zeros(5, 6)
     orth[:, 0] = 1
     p[:, 0] = 0
-    assert common.byol_loss(p, p, p, p).item() == pytest.approx(-4) and common.byol_loss(p, p, orth, orth).item() == pytest.approx(0, abs=1e-6)
+    assert (common.byol_loss(p, p, p, p).item() == pytest.approx(-4)
+            and common.byol_loss(p, p, orth, orth).item() == pytest.approx(0, abs=1e-6))
     assert common.simsiam_loss(p, p, p, p).item() == pytest.approx(-1)
 
 
@@ -272,7 +263,8 @@ def test_workers_see_boxes_changed_in_place(persistent):
     images, labels = common.synthetic_images(32)
     state = cc.BoxState(32, "ccrop", 0.6, 0.1, 1, 1, 0)
     views = cc.ContrastiveCropViews(state.boxes, state.active, 0.6, (0.2, 1.0))
-    ds = common.ViewDataset(common.Source(labels, images=images), views, [32, 32], [common.Recipe()] * 2, 0)
+    ds = common.ViewDataset(common.Source(labels, images=images),
+                            common.Views(views, [32, 32], [common.Recipe()] * 2), 0)
     loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, persistent_workers=persistent)
 
     def centred():  # the crop centre sits on the point box (0.5, 0.5) whenever the sampler reads it
@@ -308,15 +300,17 @@ def test_e2e_method_and_show_views(runs):
     assert "boxes updated after epoch 1: mean area" in r.out
     ck = torch.load(root / "straight" / "checkpoint.pth", weights_only=False)
     # 32 px through the ImageNet stem leaves a 1x1 layer4 map: constant heatmaps, so full boxes at every index
-    assert torch.equal(ck["extra"]["boxes"], torch.tensor(cc.FULL_BOX).expand(32, 4))
-    assert sorted(ck["extra"]["history"]) == [0, 1] and ck["extra"]["epoch"] == 2
+    assert torch.equal(ck["state"]["boxes"], torch.tensor(cc.FULL_BOX).expand(32, 4))
+    assert sorted(ck["state"]["history"]) == [0, 1] and ck["state"]["epoch"] == 2
     assert [h["crop_active"] for h in ck["history"]] == [0, 1]
     assert [g["lr"] for g in ck["optimizer"]["param_groups"]] == pytest.approx([0.05 * 16 / 256 * (0.1 + 0.9 * 0.5)])
     assert (root / "straight" / "views_e1.png").exists() and (root / "straight" / "box_trajectory.png").exists()
     v = run_cli("contrastive_crop.py", *CLI, "--out", root / "straight", "--show-views")
     assert v.rc == 0, v.err
     img = mpimg.imread(v.json["views"])
-    assert v.json["views"].endswith("views_e2.png") and img.shape[:2] == (840, 1000) and img.std() > 0.05  # 4 x 5 panels
+    # 4 x 5 panels
+    assert v.json["views"].endswith("views.png") and v.json["epoch"] == 2  # the checkpoint's boxes, after epoch 2
+    assert img.shape[:2] == (840, 1000) and img.std() > 0.05
     assert mpimg.imread(v.json["trajectory"]).shape[:2] == (280, 1200)
 
 
@@ -328,7 +322,7 @@ def test_e2e_resume_is_exact(runs):
     a = torch.load(root / "straight" / "checkpoint.pth", weights_only=False)
     b = torch.load(root / "resumed" / "checkpoint.pth", weights_only=False)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert torch.equal(a["extra"]["boxes"], b["extra"]["boxes"]) and a["extra"]["area_log"] == b["extra"]["area_log"]
+    assert torch.equal(a["state"]["boxes"], b["state"]["boxes"]) and a["state"]["area_log"] == b["state"]["area_log"]
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
 
 
@@ -338,8 +332,8 @@ def test_e2e_two_processes_match_split_bn(tmp_path):
     args = without(CLI, "--bn-splits")
     assert_same_update(*last_step_both_ways("contrastive_crop.py", args, 3, tmp_path))
     a, b = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=False) for d in ("one", "two"))
-    assert b["step"] == 3 and sorted(b["extra"]["history"]) == [0, 1]
-    assert torch.equal(a["extra"]["boxes"], b["extra"]["boxes"])   # every index gathered back (no zero rows)
+    assert b["step"] == 3 and sorted(b["state"]["history"]) == [0, 1]
+    assert torch.equal(a["state"]["boxes"], b["state"]["boxes"])   # every index gathered back (no zero rows)
 
 
 def test_e2e_simclr_difference_is_noise_not_semantics(tmp_path):
@@ -354,10 +348,10 @@ def test_e2e_simclr_difference_is_noise_not_semantics(tmp_path):
 
 
 def test_show_views_without_training(tmp_path, capsys):
-    args = cc.parse([*TINY, "--subset", "32", "--crop", "simccrop", "--show-views", "--out", str(tmp_path / "v")])
-    common.launch(cc.run, args)
+    cc.main([*map(str, TINY), "--subset", "32", "--crop", "simccrop", "--show-views", "--out", str(tmp_path / "v")])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["views"].endswith("views_e0.png") and mpimg.imread(out["views"]).shape[:2] == (840, 1000)
+    assert out["views"].endswith("views.png") and mpimg.imread(out["views"]).shape[:2] == (840, 1000)
+    assert (out["crop"], out["epoch"]) == ("simccrop", 1)  # no checkpoint: the boxes epoch 1 would start with
     assert mpimg.imread(out["trajectory"]).shape[:2] == (280, 1200) and not (tmp_path / "v" / "checkpoint.pth").exists()
 
 
@@ -365,5 +359,6 @@ def test_e2e_baseline(tmp_path):
     r = run_cli("contrastive_crop.py", *TINY, "--baseline", "--epochs", "1", "--max-steps", "2", "--queue-size", "32",
                 "--out", tmp_path / "b")
     assert r.rc == 0, r.err
-    assert (r.json["crop"], r.json["steps"]) == ("random", 2) and "boxes updated" not in r.out
+    assert (r.json["method"], r.json["framework"], r.json["steps"]) == ("contrastive_crop-baseline", "mocov2", 2)
+    assert json.load(open(tmp_path / "b" / "args.json"))["crop"] == "random" and "boxes updated" not in r.out
     assert not (tmp_path / "b" / "box_trajectory.png").exists()

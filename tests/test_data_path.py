@@ -35,8 +35,8 @@ def files(tmp_path):
 
 def datasets(files):
     src = common.Source(list(range(len(files))), files=files)
-    return [common.ViewDataset(src, common.two_views((0.2, 1.0)), SIZES, [common.mocov2_recipe(False)] * 2, seed=3,
-                               pil=pil) for pil in (False, True)]
+    views = common.Views(common.two_views((0.2, 1.0)), SIZES, [common.mocov2_recipe(False)] * 2)
+    return [common.ViewDataset(src, views, seed=3, pil=pil) for pil in (False, True)]
 
 
 def as_tensor(im):

@@ -146,7 +146,8 @@ def test_linear_eval_precompute_two_processes(tmp_path):
     process's, and the probe trains on the shards with DDP."""
     torch.manual_seed(0)
     path = str(tmp_path / "backbone.pth")
-    common.export_backbone(common.build_backbone("resnet18", "imagenet"), path, method="x", dataset="synthetic", epoch=0)
+    common.export_backbone(common.build_backbone("resnet18", "imagenet"), path, method="x", dataset="synthetic",
+                           epoch=0)
     args = [path, "--dataset", "synthetic", "--subset", "101", "--epochs", "2", "--precompute", "--batch-size", "32",
             "--gpus", "0"]
     one, two = (run_cli("linear_eval.py", *args, nproc=n) for n in (1, 2))

@@ -129,7 +129,7 @@ def _monitor(rank, world, port, out, mean_stats):
     images, labels = common.synthetic_images(96)
     vi, vl = common.synthetic_images(48, offset=10 ** 6)
     train, val = common.Source(labels, images=images), common.Source(vl, images=vi)
-    data = common.Data(train, train, val, *common.STATS["synthetic"])
+    data = common.Data(train, train, val, *common.DATASETS["synthetic"]["stats"])
     args = argparse.Namespace(device=torch.device("cpu"), workers=0)
     extract, seen = common.extract_features, []
     common.extract_features = lambda *a, **k: seen.append(extract(*a, **k)) or seen[-1]   # what the monitor embeds

@@ -86,9 +86,7 @@ def _datasets(jpeg_folder):
         data = common.load_data(args)
         common.resolve_data(args, data)
         setup = mod.build(args, data)
-        kw = setup.fit_kwargs
-        yield entry, common.ViewDataset(data.train, setup.views_fn, setup.sizes, setup.recipes, args.seed,
-                                        kw.get("sources_fn"), kw.get("extra_fn"))
+        yield entry, common.ViewDataset(data.train, setup.views, args.seed)
 
 
 def test_every_training_dataset_pickles_for_spawned_workers(jpeg_folder):
@@ -194,7 +192,7 @@ def test_process_group_options():
 def test_default_workers_share_this_process_cores(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert common.default_workers(True, SimpleNamespace(gpus=8)) == 0                   # in memory: cropped on the device
+    assert common.default_workers(True, SimpleNamespace(gpus=8)) == 0                   # in memory: cropped on device
     assert common.default_workers(False, SimpleNamespace(gpus=1)) == cores
     assert common.default_workers(False, SimpleNamespace(gpus=2 * cores)) == 1          # never 0 for files
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                                          # torchrun: the environment

@@ -21,7 +21,7 @@ def make(framework="simsiam", *flags, batch=B):
     args = logo.parse(["--dataset", "synthetic", "--stem", "imagenet", "--batch-size", str(batch), "--gpus", "0",
                        "--framework", framework, *flags])
     args.device = torch.device("cpu")
-    data = common.Data(common.Source(_IMGS[1], images=_IMGS[0]), None, None, *common.STATS["synthetic"])
+    data = common.Data(common.Source(_IMGS[1], images=_IMGS[0]), None, None, *common.DATASETS["synthetic"]["stats"])
     torch.manual_seed(0)
     return args, logo.build(args, data)
 
@@ -45,32 +45,36 @@ def run_main(argv):
 
 # ---------------------------------------------------------------- 1. views
 
-@pytest.mark.parametrize("dataset,side,blur", [("cifar10", 32, (0, 0)), ("cifar100", 32, (0, 0)), ("stl10", 96, (0.5, 0)),
-                                               ("tinyimagenet", 64, (0, 0)), ("imagenet100", 256, (0.5, 0.5)),
-                                               ("imagenet", 256, (0.5, 0.5)), ("folder", 64, (0, 0))])
+@pytest.mark.parametrize("dataset,side,blur", [("cifar10", 32, (0, 0)), ("cifar100", 32, (0, 0)),
+                                               ("stl10", 96, (0.5, 0)), ("tinyimagenet", 64, (0, 0)),
+                                               ("imagenet100", 256, (0.5, 0.5)), ("imagenet", 256, (0.5, 0.5)),
+                                               ("folder", 64, (0, 0))])
 def test_view_shapes_per_dataset(dataset, side, blur):
     args = logo.parse(["--dataset", dataset])
-    views_fn, sizes, recipes = logo.view_plan(args, side)
+    views = logo.view_plan(args, side)
+    sizes, recipes = views.sizes, views.recipes
     G, L = logo.SIZES[dataset if dataset != "folder" else "tinyimagenet"]
     assert sizes == [G, G, L, L] and [r.p_blur for r in recipes] == [blur[0]] * 2 + [blur[1]] * 2
     assert all(r.p_solarize == 0 and r.jitter == (0.4, 0.4, 0.4, 0.1) and r.p_gray == 0.2 for r in recipes)
     imgs = torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8)
-    ds = common.ViewDataset(common.Source([0, 1], images=imgs), views_fn, sizes, recipes, seed=0)
+    ds = common.ViewDataset(common.Source([0, 1], images=imgs), views, seed=0)
     batch = torch.utils.data.default_collate([ds[0], ds[1]])
     views = common.device_views(batch, imgs, (0.5,) * 3, (0.25,) * 3, sizes, torch.device("cpu"))
     assert [tuple(v.shape) for v in views] == [(2, 3, G, G)] * 2 + [(2, 3, L, L)] * 2
     base_args = logo.parse(["--dataset", dataset, "--baseline"])
-    _, base_sizes, _ = logo.view_plan(base_args, side)
+    base_sizes = logo.view_plan(base_args, side).sizes
     assert base_sizes == [G, G]
 
 
 def test_box_areas_within_scales():
     views_fn = logo.LoGoViews((0.4, 1.0), (0.05, 0.4))
     for side, tol in ((1000, 0.002), (32, 0.04)):
-        areas = torch.tensor([[h * w / side ** 2 for _, _, h, w, _, _ in views_fn(i, [(side, side)], common.sample_rng(0, 0, i))]
+        areas = torch.tensor([[h * w / side ** 2
+                               for _, _, h, w, _, _ in views_fn(i, [(side, side)], common.sample_rng(0, 0, i))]
                               for i in range(300)])
         assert areas[:, :2].min() >= 0.4 - tol and areas[:, :2].max() <= 1.0
-        assert areas[:, 2:].min() >= 0.05 - tol and areas[:, 2:].max() <= 0.4 + tol  # locals never fall back to the full image
+        # locals never fall back to the full image
+        assert areas[:, 2:].min() >= 0.05 - tol and areas[:, 2:].max() <= 0.4 + tol
         assert areas[:, 2:].std() > 0.05 and areas[:, :2].mean() > areas[:, 2:].mean() + 0.3
 
 
@@ -83,7 +87,8 @@ def test_affinity_shapes_and_unit_inputs(dim):
     perm = logo.derangement(B)
     x, y = logo.affinity_batch(a, b, perm)
     assert x.shape == (4 * B, 2 * dim) and y.tolist() == [1.0] * 2 * B + [0.0] * 2 * B
-    assert torch.allclose(x[:, :dim].norm(dim=1), torch.ones(4 * B)) and torch.allclose(x[:, dim:].norm(dim=1), torch.ones(4 * B))
+    assert (torch.allclose(x[:, :dim].norm(dim=1), torch.ones(4 * B))
+            and torch.allclose(x[:, dim:].norm(dim=1), torch.ones(4 * B)))
     assert torch.equal(x[B + 1], torch.cat([b[1], a[1]])) and torch.equal(x[2 * B + 1], torch.cat([a[1], b[perm[1]]]))
     assert tuple(tr.score(x[:B]).shape) == (B,) and tuple(tr.net.eval()(x[:B]).shape) == (B, 1)
 
@@ -160,11 +165,12 @@ def test_simsiam_local_global_gradients_reach_locals_only():
 @pytest.mark.parametrize("framework", ["simsiam", "mocov2"])
 def test_affinity_isolated_from_encoder(framework):
     args, setup = make(framework)
-    model, tr = setup.model, setup.fit_kwargs["extra_state"]
+    model, tr = setup.model, setup.state
     opt = common.make_optimizer(model, args)
     tr_ids = {id(p) for p in tr.net.parameters()}
     assert not tr_ids & {id(p) for g in opt.param_groups for p in g["params"]}
-    assert not tr_ids & {id(p) for p in model.parameters()} and not any(k.startswith("affinity") for k in model.state_dict())
+    assert (not tr_ids & {id(p) for p in model.parameters()}
+            and not any(k.startswith("affinity") for k in model.state_dict()))
     t_before = copy.deepcopy(tr.net.state_dict())
     loss, logs = model(rand_views(), None)  # includes the affinity step
     assert all(p.grad is None for p in model.parameters())
@@ -241,14 +247,14 @@ def test_l_gg_is_common_base_loss_bit_for_bit(framework, arm):
     expect, _ = reference(views[:2], None)
     assert torch.equal(logs["l_gg"], expect.detach())
     if arm == "baseline":
-        assert torch.equal(loss, expect) and setup.fit_kwargs["extra_state"] is None
+        assert torch.equal(loss, expect) and setup.state is None
 
 
 @pytest.mark.parametrize("framework", ["simsiam", "mocov2"])
 def test_lambda_zero_is_main_loss_without_affinity(framework):
     _, setup = make(framework, "--ll-weight", "0")
     model = setup.model
-    assert model.affinity is None and setup.fit_kwargs["extra_state"] is None
+    assert model.affinity is None and setup.state is None
     views = rand_views()
     torch.manual_seed(3)
     loss, logs = model(views, None)
@@ -306,9 +312,9 @@ def test_resume_is_exact(tmp_path):
     assert ca["partial"]["loss"] == cb["partial"]["loss"]   # same configuration, same machine: bit-exact
     for k in ca["model"]:  # backbone, projector, key encoder, queue, queue_ptr
         assert torch.equal(ca["model"][k], cb["model"][k]), k
-    for k, v in ca["extra"]["net"].items():  # T's weights and BN buffers
-        assert torch.equal(v, cb["extra"]["net"][k]), k
-    for sa, sb in ((ca["optimizer"], cb["optimizer"]), (ca["extra"]["opt"], cb["extra"]["opt"])):
+    for k, v in ca["state"]["net"].items():  # T's weights and BN buffers
+        assert torch.equal(v, cb["state"]["net"][k]), k
+    for sa, sb in ((ca["optimizer"], cb["optimizer"]), (ca["state"]["opt"], cb["state"]["opt"])):
         assert all(torch.equal(sa["state"][i]["momentum_buffer"], sb["state"][i]["momentum_buffer"])
                    for i in sa["state"])
     assert torch.equal(ca["rng"][0]["torch"], cb["rng"][0]["torch"])
@@ -321,7 +327,8 @@ def test_resume_is_exact(tmp_path):
                                                ("mocov2", "baseline", False), ("mocov2", "multicrop", False)])
 def test_smoke_arms_and_figures(out, framework, arm, cli):
     flags = [*TINY, "--subset", 16, "--batch-size", 8, "--epochs", 1, "--max-steps", 2, "--framework", framework,
-             "--moco-k", 64, "--bn-splits", 2, "--out", out, *{"logo": [], "baseline": ["--baseline"], "multicrop": ["--ll-weight", 0]}[arm]]
+             "--moco-k", 64, "--bn-splits", 2, "--out", out,
+             *{"logo": [], "baseline": ["--baseline"], "multicrop": ["--ll-weight", 0]}[arm]]
     if cli:
         r = run_cli("logo.py", *flags)
         assert r.rc == 0, r.err
@@ -329,7 +336,8 @@ def test_smoke_arms_and_figures(out, framework, arm, cli):
     else:
         js = run_main(flags)
     assert {"method", "dataset", "epochs", "steps", "train_time_s", "images_per_s", "knn_top1", "out"} <= set(js)
-    assert js["method"] == "logo" and js["steps"] == 2 and js["out"] == out
+    assert js["method"] == ("logo-baseline" if arm == "baseline" else "logo") and js["framework"] == framework
+    assert js["steps"] == 2 and js["out"] == out
     rec = json.loads(open(os.path.join(out, "log.jsonl")).read().splitlines()[-1])
     assert math.isfinite(rec["loss"]) and ("l_ll" in rec) == (arm == "logo") and ("l_lg" in rec) == (arm != "baseline")
     if arm == "logo":
@@ -355,7 +363,8 @@ def test_show_views_without_training(out):
 
 def test_user_errors(capsys):
     for flags, words in ((["--framework", "mocov2", "--moco-k", "16"], "--moco-k 16"),
-                         (["--local-scale", "0.5", "0.1"], "--local-scale 0.5 0.1"), (["--ll-weight", "-1"], "--ll-weight -1")):
+                         (["--local-scale", "0.5", "0.1"], "--local-scale 0.5 0.1"),
+                         (["--ll-weight", "-1"], "--ll-weight -1")):
         with pytest.raises(SystemExit) as e:
             logo.parse(["--dataset", "synthetic", "--batch-size", "16", *flags])
         assert e.value.code == 2 and words in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Normalisation constants: each script trains with its official code's constants where that code covers the dataset
 (common.with_stats after load_data; README's "Normalisation constants" rows), load_data's defaults elsewhere."""
-import importlib
+import functools, importlib
 
 import pytest
 import torch
@@ -26,7 +26,7 @@ class Built(Exception):
 def fake_load_data(args):
     """load_data without files: 4 blank 32 px images, the dataset's default constants (as load_data picks them)."""
     src = common.Source([0, 1, 2, 3], images=torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
-    return common.Data(src, src, src, *common.STATS.get(args.dataset, common.IMAGENET_STATS))
+    return common.Data(src, src, src, *common.DATASETS[args.dataset]["stats"])
 
 
 def stats_run_uses(monkeypatch, script, dataset):
@@ -41,13 +41,13 @@ def stats_run_uses(monkeypatch, script, dataset):
     argv = ["--dataset", dataset, "--data", "unused"]
     if script in ("simclr", "mocov2", "byol", "simsiam"):
         monkeypatch.setattr(common, "build_base", build)
-        run, args = common.run_base, common.parse_base(["--framework", script] + argv)
+        run = functools.partial(common.main_base, ["--framework", script] + argv)
     else:
         mod = importlib.import_module(script)
         monkeypatch.setattr(mod, "build", build)
-        run, args = mod.run, mod.parse(argv)
+        run = functools.partial(mod.main, argv)
     with pytest.raises(Built):
-        run(args)
+        run()
     return seen[0]
 
 
@@ -70,17 +70,19 @@ def test_with_stats():
 
 def test_backbone_records_its_normalisation(tmp_path):
     """backbone.pth carries the constants the backbone was trained with, for evaluation to reuse."""
-    common.launch(common.run_base, common.parse_base(TINY + ["--framework", "simclr", "--epochs", "1", "--subset", "4",
-                                                             "--batch-size", "4", "--out", str(tmp_path)]))  # 1 step
+    common.main_base(TINY + ["--framework", "simclr", "--epochs", "1", "--subset", "4", "--batch-size", "4",
+                             "--out", str(tmp_path)])  # 1 step
     meta = torch.load(tmp_path / "backbone.pth", map_location="cpu", weights_only=False)
-    assert (tuple(meta["mean"]), tuple(meta["std"])) == common.STATS["synthetic"]
+    assert (tuple(meta["mean"]), tuple(meta["std"])) == common.DATASETS["synthetic"]["stats"]
 
 
 def test_linear_eval_normalises_as_the_backbone_was_trained(monkeypatch, tmp_path):
-    """linear_eval.py feeds each backbone the constants stored in its backbone.pth (files without them: the defaults)."""
+    """linear_eval.py feeds each backbone the constants stored in its backbone.pth (files without them: the
+    defaults)."""
     import linear_eval
     net = common.build_backbone("resnet18", "imagenet")
-    common.export_backbone(net, str(tmp_path / "demo.pth"), method="mocov2", mean=list(CIFAR_COMMON[0]), std=list(CIFAR_COMMON[1]))
+    common.export_backbone(net, str(tmp_path / "demo.pth"), method="mocov2", mean=list(CIFAR_COMMON[0]),
+                           std=list(CIFAR_COMMON[1]))
     common.export_backbone(net, str(tmp_path / "old.pth"), method="mocov2")
     seen = []
     monkeypatch.setattr(linear_eval, "evaluate", lambda net, data, args, size: seen.append((data.mean, data.std)) or {})
@@ -89,4 +91,4 @@ def test_linear_eval_normalises_as_the_backbone_was_trained(monkeypatch, tmp_pat
                               "--subset", "64", "--knn-only"])
     args.device = torch.device("cpu")
     linear_eval.run(args)
-    assert seen == [CIFAR_COMMON, common.STATS["synthetic"]]
+    assert seen == [CIFAR_COMMON, common.DATASETS["synthetic"]["stats"]]
