@@ -7,10 +7,11 @@ tracing (sys.setprofile) on a tiny synthetic batch: the method's crop sampler fo
 then train_one_epoch's body for one batch (views on the device, forward = the method's loss, backward,
 after_step). Generic pieces every method shares (the crop/resize/colour pipeline) are listed apart from the
 method's path: a reader follows the method through train_one_epoch, its views, forward and what forward calls.
-Share: lines of the method file outside its wiring sections (defaults and command line, figures, main), over all
-its lines; the section headers ("# ====") say which is which.
+Share: lines of the method file outside its wiring (figures: the figure sections and every plot*/draw*/show*
+function; the command line: parse and main), over all its lines. Strict share: only the sections that implement
+the paper (losses, views, model, state), without the docstring, imports, DEFAULTS, parse, build and figures.
 """
-import importlib, os, sys, types
+import ast, importlib, os, sys, types
 
 import torch
 
@@ -29,7 +30,8 @@ LOOP = {"train_one_epoch", "timed", "lr_factor", "log_progress", "check_finite",
         "fmt_time", "get_rank", "get_world", "is_dist", "is_main", "wrapped",  # wrapped: the fp32 decorator
         # generic layers and collectives a reader need not open to follow a method: BN, optimizer, gathers
         "SplitBatchNorm.forward", "LARS.step", "Model.after_step", "gather_no_grad", "gather_with_grad", "bn_splits_of"}
-WIRING = ("defaults", "command line", "figures", "--show-views", "main", "build, run")
+WIRING = ("figures", "--show-views", "main")
+FIGURES = ("plot", "draw", "show")  # figure functions wherever they sit
 
 
 def traced(fn):
@@ -80,10 +82,25 @@ def one_step(name):
 
 
 def method_share(path):
-    lines = open(path).read().splitlines()
+    """(lines, method lines): wiring is the figures (sections and plot/draw/show functions) and the command line
+    (parse, main); the rest (the paper's losses, views, model, state, its DEFAULTS recipe and build) is the method."""
+    text = open(path).read()
+    lines = text.splitlines()
     heads = [(i, l) for i, l in enumerate(lines) if l.startswith("# ====")] + [(len(lines), "end")]
-    wiring = sum(b - a for (a, h), (b, _) in zip(heads, heads[1:]) if any(w in h for w in WIRING))
-    return len(lines), len(lines) - wiring
+    wiring = set()
+    for (a, h), (b, _) in zip(heads, heads[1:]):
+        if any(w in h for w in WIRING):
+            wiring.update(range(a, b))
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef) and (node.name in ("parse", "main") or node.name.startswith(FIGURES)):
+            wiring.update(range(node.lineno - 1, node.end_lineno + 2))  # with the blank lines after it
+    strict = sum(b - a for (a, h), (b, _) in zip(heads, heads[1:])
+                 if not any(w in h for w in WIRING + ("defaults", "command line")))
+    strict -= sum(node.end_lineno - node.lineno + 1 for node in ast.parse(text).body  # figure functions in them
+                  if isinstance(node, ast.FunctionDef) and node.name.startswith(FIGURES)
+                  and not any(w in h for (a, h), (b, _) in zip(heads, heads[1:]) if a < node.lineno <= b
+                              for w in WIRING + ("defaults", "command line")))
+    return len(lines), len(lines) - len(wiring & set(range(len(lines)))), strict
 
 
 def main():
@@ -100,8 +117,8 @@ def main():
         files = sorted({f for f, q in seen if q in path})
         share = "-"
         if os.path.exists(os.path.join(ROOT, f"{name}.py")):
-            n, m = method_share(os.path.join(ROOT, f"{name}.py"))
-            share = f"{n}, {100 * m / n:.0f} %"
+            n, m, strict = method_share(os.path.join(ROOT, f"{name}.py"))
+            share = f"{n}, {100 * m / n:.0f} % ({100 * strict / n:.0f} %)"
         print(f"| {name} | {len(path)} (+ {len(pipe)}) | {', '.join(files)} | {share} |")
         print("   ", ", ".join(path), file=sys.stderr)
     long = [(f, i + 1) for f in sorted(os.listdir(ROOT)) if f.endswith(".py")
