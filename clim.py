@@ -373,8 +373,6 @@ def parse(argv=None):
             common.fail(f"--{name.replace('_', '-')} must be at least 1 (recommended: knn 10, select-every 5)")
     if args.mix_alpha <= 0 or args.kmeans_iters < 0 or args.select_start < 0:
         common.fail("--mix-alpha must be > 0 (1.0), --kmeans-iters >= 0 (20), --select-start >= 0")
-    args.resume_keys = ["baseline", "queue_size", "temperature", "ema", "clusters", "knn", "select_every",
-                        "select_start", "kmeans_iters", "select", "mix", "mix_alpha", "resolutions"]
     return args
 
 

@@ -274,8 +274,6 @@ def parse(argv=None):
         args.local_weight = 0.0
     if not 0 <= args.local_weight <= 1 or args.local_grid < 0:
         common.fail("--local-weight must lie in [0, 1] (0.3 recommended) and --local-grid be 0 or a positive side")
-    args.resume_keys = ["local_weight", "local_target", "local_grid", "pred_hidden", "rf_layout", "no_rf_mlp",
-                        "shared_head", "crop_min_scale", "tau_base", "baseline"]
     return args
 
 

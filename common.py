@@ -23,8 +23,8 @@ Run as a script it pretrains one of the four base frameworks (SimCLR, MoCo-v2, B
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 common.py --framework mocov2 \\
         --dataset imagenet --data DIR
 """
-import argparse, contextlib, copy, datetime, functools, gc, json, math, os, random, socket, sys, time, traceback
-import warnings
+import argparse, contextlib, copy, datetime, errno, functools, gc, json, math, os, random, socket, sys, time
+import traceback, warnings
 from collections import namedtuple
 from types import SimpleNamespace
 
@@ -271,7 +271,22 @@ BLUR_FROM = {"base": 96, "logo": 96, "leoclr": 128, "clim": 33, "co_ssl": 33, "c
 def blurs(method, size):
     """Whether `method`'s views of this side get Gaussian blur (BLUR_FROM)."""
     return size >= BLUR_FROM[method]
-IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".JPEG")
+
+
+# Image files by extension, matched case-insensitively (.JPG, .Jpeg); names starting with "." are never scanned
+# (.ipynb_checkpoints, .DS_Store, macOS's ._x.jpg resource forks).
+IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+MIN_SIDE = 8  # px: a smaller image (a thumbnail, an icon) has no crops to learn from; it is named in an error
+
+
+def _is_image(name):
+    return not name.startswith(".") and name.lower().endswith(IMG_EXT)
+
+
+def _check_side(path, w, h):
+    if min(w, h) < MIN_SIDE:
+        raise UserError(f"image {path} is {w}x{h} px, too small to crop (the shorter side must be at least {MIN_SIDE} "
+                        "px); remove it, or upscale the images")
 
 
 class Source:
@@ -313,9 +328,11 @@ class Source:
 def _open_rgb(path):
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            im = im.convert("RGB")
     except Exception as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}); remove or replace that file")
+        raise UserError(f"cannot read image {path} ({type(e).__name__}: {_one_line(e)}); remove or replace that file")
+    _check_side(path, *im.size)
+    return im
 
 
 def _read_rgb(path):
@@ -324,7 +341,9 @@ def _read_rgb(path):
     try:
         data = torchvision.io.read_file(path)
         if data[:2].tolist() == [0xFF, 0xD8]:  # the JPEG signature, not the name: ImageNet has PNGs named .JPEG
-            return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB)  # gray and CMYK too
+            image = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB)  # gray and CMYK too
+            _check_side(path, image.shape[-1], image.shape[-2])
+            return image
     except RuntimeError:
         pass  # unreadable or broken: PIL tries the file too, and names it if it fails as well
     return torch.from_numpy(np.array(_open_rgb(path))).permute(2, 0, 1)
@@ -363,26 +382,33 @@ def synthetic_images(n, size=32, offset=0, classes=10):
 
 
 def _folder(root, name, allow_flat=False):
-    """ImageFolder layout (root/class/img), or with allow_flat a flat folder of images (no labels)."""
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    """ImageFolder layout (root/class/img), or with allow_flat a flat folder of images (no labels). Hidden files and
+    folders (names starting with ".") are skipped everywhere; extensions match in any case (_is_image)."""
+    layout = f"{root}/<class>/<image>.jpg" + (" or a flat folder of images" if allow_flat else "")
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not a folder; expected {layout}")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     files, labels = [], []
     for c, cls in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
-            for f in sorted(names):
-                if f.endswith(IMG_EXT):
-                    files.append(os.path.join(dirpath, f))
-                    labels.append(c)
+        found = []
+        for dirpath, dirs, names in os.walk(os.path.join(root, cls)):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # os.walk descends into what is left
+            found.append((dirpath, sorted(f for f in names if _is_image(f))))
+        for dirpath, names in sorted(found):
+            files += [os.path.join(dirpath, f) for f in names]
+            labels += [c] * len(names)
     if not files and allow_flat:
-        files = [os.path.join(root, f) for f in sorted(os.listdir(root)) if f.endswith(IMG_EXT)]
+        files = [os.path.join(root, f) for f in sorted(os.listdir(root)) if _is_image(f)]
         labels, classes = [-1] * len(files), []
     if not files:
-        raise UserError(f"no images found under {root}; expected {root}/<class>/<image>.jpg"
-                        + (" or a flat folder of images" if allow_flat else ""))
+        raise UserError(f"no images found under {root}; expected {layout}")
     return Source(labels, files=files, classes=classes, name=name)
 
 
 def _maybe_in_memory(src, max_side=96):
-    """Small images (CIFAR-like folders) are decoded once and kept as one uint8 tensor."""
+    """Small images (CIFAR-like folders) are decoded once and kept as one uint8 tensor. Every image opened here (the
+    first always, all of them for an in-memory candidate) is checked for size (_open_rgb); file data is checked again
+    as it is read."""
     first = _open_rgb(src.files[0])
     if max(first.size) > max_side or len(src) > 300_000:
         return src
@@ -396,14 +422,82 @@ def _maybe_in_memory(src, max_side=96):
                   classes=src.classes, name=src.name)
 
 
-def _tv(cls, name, **kw):
+TV_SETS = ("cifar10", "cifar100", "stl10")  # torchvision's own files, which --download fetches
+# What --data must hold, per dataset (said when it does not).
+LAYOUT = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "stl10": "stl10_binary/",
+          "tinyimagenet": "train/ and val/ (the tiny-imagenet-200 folder)",
+          "imagenet": "train/<wnid>/<image>.JPEG and val/<wnid>/<image>.JPEG",
+          "imagenet100": "train/<wnid>/<image>.JPEG and val/<wnid>/<image>.JPEG",
+          "folder": "<class>/<image>.jpg (or train/<class>/... and an optional val/<class>/...) or just images"}
+
+
+def _one_line(e):
+    """An exception's message on one line (a URLError's reason without its wrapping), else its type's name."""
+    return " ".join(str(getattr(e, "reason", None) or e).split()) or type(e).__name__
+
+
+def _tv(cls, name, layout, **kw):
+    """A torchvision dataset; missing files (without download) and a failed download are said in one line."""
+    root = kw["root"]
     try:
         return cls(**kw)
-    except RuntimeError as e:
-        if "not found" in str(e).lower() or "download" in str(e).lower():
-            raise UserError(f"{name} not found under {kw['root']}; pass --download to fetch it, "
-                            f"or --data DIR where it lies")
+    except (RuntimeError, OSError) as e:  # urllib's URLError and HTTPError are OSErrors
+        if kw.get("download"):
+            raise UserError(f"downloading {name} into {root} failed ({type(e).__name__}: {_one_line(e)}); check the "
+                            f"network, or place the files there yourself ({root}/{layout}) and run again")
+        if isinstance(e, RuntimeError) and any(w in str(e).lower() for w in ("not found", "download")):
+            raise UserError(f"{name} not found under {root} (expected {root}/{layout}); pass --download to fetch it, "
+                            "or --data DIR where it lies")
         raise
+
+
+def _check_root(name, root, download):
+    """--data must be a folder (made here for a download); a file is named with what to pass instead."""
+    if os.path.isfile(root):
+        archive = root.lower().endswith((".tar", ".gz", ".tgz", ".zip", ".bz2", ".xz", ".7z"))
+        raise UserError(f"--data {root} is a file, not a folder; pass --data DIR, the folder that holds "
+                        f"{LAYOUT[name]}" + ("; extract the archive and pass the folder it makes" if archive else "")
+                        + ("; or add --download with a new folder to fetch it there" if name in TV_SETS else ""))
+    if name in TV_SETS and download:
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --data {root} to download {name} into ({type(e).__name__}: "
+                            f"{_one_line(e)}); pass --data DIR that you can write to")
+    elif not os.path.exists(root):
+        raise UserError(f"--data {root} does not exist; pass --data DIR holding {name} ({LAYOUT[name]})"
+                        + (" or add --download to fetch it there" if name in TV_SETS else ""))
+
+
+def _read_class_list(path):
+    """--class-list: class (folder) names, one a line, in order, duplicates once."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise UserError(f"--class-list {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}; "
+                        "pass a text file with one class folder name (ImageNet: wnid) a line")
+    try:
+        with open(path) as f:
+            keep = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --class-list {path} ({type(e).__name__}); pass a text file, one class a line")
+    if not keep:
+        raise UserError(f"--class-list {path} names no class; write one class folder name (wnid) a line")
+    return keep
+
+
+def _align_classes(val, classes, train_dir, val_dir):
+    """val's labels re-indexed to the training classes by name: a class val lacks is fine; a val class (with images)
+    that training lacks is an error naming it and both folders."""
+    index = {c: i for i, c in enumerate(classes)}
+    used = set(val.labels.tolist())
+    unknown = [c for i, c in enumerate(val.classes) if c not in index and i in used]
+    if unknown:
+        more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise UserError(f"class {', '.join(repr(c) for c in unknown[:3])}{more} of {val_dir} has no folder in "
+                        f"{train_dir}; the val classes must be training classes (matched by folder name): rename or "
+                        "remove it")
+    remap = torch.tensor([index.get(c, -1) for c in val.classes], dtype=torch.long)
+    return Source(remap[val.labels], files=val.files, classes=list(classes), name=val.name)
 
 
 Data = namedtuple("Data", "train knn_train knn_val mean std")
@@ -420,16 +514,18 @@ def load_data(args):
         train = Source(*reversed(synthetic_images(n)), name="synthetic-train")
         val = Source(*reversed(synthetic_images(1000, offset=10 ** 6)), name="synthetic-val")
         return Data(train, train, val, mean, std)
-    if not os.path.exists(root):
-        raise UserError(f"--data {root} does not exist; pass --data DIR holding {name}"
-                        + (" (or add --download)" if name in ("cifar10", "cifar100", "stl10") else ""))
-    if name in ("cifar10", "cifar100", "stl10"):
-        dl = args.download
+    class_list = getattr(args, "class_list", None)
+    if class_list and name not in ("imagenet", "imagenet100", "folder"):
+        raise UserError(f"--class-list selects classes of imagenet, imagenet100 or folder data, not of {name}; "
+                        "drop it")
+    _check_root(name, root, getattr(args, "download", False))
+    if name in TV_SETS:
+        dl, layout = args.download, LAYOUT[name]
         if name == "stl10":
             tv = torchvision.datasets.STL10
-            tr = _tv(tv, "STL-10", root=root, split="train+unlabeled", download=dl)
-            lab = _tv(tv, "STL-10", root=root, split="train", download=dl)
-            te = _tv(tv, "STL-10", root=root, split="test", download=dl)
+            tr = _tv(tv, "STL-10", layout, root=root, split="train+unlabeled", download=dl)
+            lab = _tv(tv, "STL-10", layout, root=root, split="train", download=dl)
+            te = _tv(tv, "STL-10", layout, root=root, split="test", download=dl)
             mk = lambda d, s: Source(d.labels, images=torch.from_numpy(d.data), name=f"stl10-{s}")
             train, knn_train, val = mk(tr, "train+unlabeled"), mk(lab, "train"), mk(te, "test")
             train.labels[:] = -1
@@ -437,16 +533,22 @@ def load_data(args):
             tv = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
             mk = lambda d, s: Source(d.targets, images=torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
                                      classes=d.classes, name=f"{name}-{s}")
-            train = mk(_tv(tv, name.upper(), root=root, train=True, download=dl), "train")
-            val = mk(_tv(tv, name.upper(), root=root, train=False, download=dl), "val")
+            train = mk(_tv(tv, name.upper(), layout, root=root, train=True, download=dl), "train")
+            val = mk(_tv(tv, name.upper(), layout, root=root, train=False, download=dl), "val")
             knn_train = train
     elif name == "tinyimagenet":
-        train = _folder(os.path.join(root, "train"), "tinyimagenet-train")
-        ann = os.path.join(root, "val", "val_annotations.txt")
-        if not os.path.exists(ann):
-            raise UserError(f"{ann} not found; --data must be the tiny-imagenet-200 folder (train/, val/)")
+        tr_dir, ann = os.path.join(root, "train"), os.path.join(root, "val", "val_annotations.txt")
+        for need in (tr_dir, ann):
+            if not os.path.exists(need):
+                raise UserError(f"{need} not found; --data must be the tiny-imagenet-200 folder (train/, val/)")
+        train = _folder(tr_dir, "tinyimagenet-train")
         cls = {c: i for i, c in enumerate(train.classes)}
-        rows = [l.split("\t")[:2] for l in open(ann)]
+        rows = [line.split("\t")[:2] for line in open(ann) if line.strip()]
+        unknown = sorted({c for _, c in rows if c not in cls})
+        if unknown:
+            raise UserError(f"{ann} names class {unknown[0]!r}"
+                            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                            + f", which has no folder in {tr_dir}; --data must be one whole tiny-imagenet-200 folder")
         val = Source([cls[c] for _, c in rows], files=[os.path.join(root, "val", "images", f) for f, _ in rows],
                      classes=train.classes, name="tinyimagenet-val")
         train, val = _maybe_in_memory(train), _maybe_in_memory(val)
@@ -457,12 +559,16 @@ def load_data(args):
         train = _folder(tr_dir if has_split else root, f"{name}-train", allow_flat=(name == "folder"))
         va_dir = os.path.join(root, "val")
         val = _folder(va_dir, f"{name}-val") if has_split and os.path.isdir(va_dir) else None
-        if args.class_list:
-            keep = [l.strip() for l in open(args.class_list) if l.strip()]
-            train, val = (_select_classes(s, keep) if s else None for s in (train, val))
+        if class_list:
+            keep = _read_class_list(class_list)
+            train = _select_classes(train, keep, class_list)
+            if val is not None:  # a selected class that val lacks is fine; val's other classes are dropped
+                val = _select_classes(val, [c for c in keep if c in val.classes], class_list)
+                val = val if len(val) else None
         if name == "imagenet100" and len(train.classes) != 100:
             raise UserError(f"imagenet100 expects 100 classes under {root}, found {len(train.classes)}; "
                             "pass --class-list FILE (one wnid a line) to select them from a full ImageNet root")
+        val = _align_classes(val, train.classes, tr_dir, va_dir) if val is not None and train.has_labels else None
         train = _maybe_in_memory(train.subset(args.subset, spread=True) if args.subset else train)
         val = _maybe_in_memory(val) if val is not None else None
         knn_train = train if train.has_labels and val is not None else None
@@ -480,10 +586,13 @@ def with_stats(data, stats):
     return data if stats is None else data._replace(mean=tuple(stats[0]), std=tuple(stats[1]))
 
 
-def _select_classes(src, keep):
+def _select_classes(src, keep, path=""):
+    """The images of the classes `keep` (names, in their order: the new labels), from a Source of files."""
     missing = [c for c in keep if c not in src.classes]
     if missing:
-        raise UserError(f"--class-list names classes missing from {src.name}: {', '.join(missing[:3])}...")
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise UserError(f"--class-list {path or 'FILE'} names classes that {src.name} lacks: "
+                        f"{', '.join(missing[:3])}{more}; it has {len(src.classes)} class folders")
     new = {src.classes.index(c): i for i, c in enumerate(keep)}
     idx = [i for i, l in enumerate(src.labels.tolist()) if l in new]
     return Source([new[int(src.labels[i])] for i in idx], files=[src.files[i] for i in idx], classes=keep,
@@ -1301,11 +1410,81 @@ def fmt_time(s):
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def make_out(out):
+    """Create the output folder (--out), or say in one line why it cannot be."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out} cannot be created ({e.strerror or type(e).__name__}: {e.filename or out}); "
+                        "choose another --out")
+
+
+def _lock_owner(path):
+    """(pid, host) written in a lock file; None when it cannot be read (being written, or gone)."""
+    try:
+        with open(path) as f:
+            pid, host = f.read().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(out):
+    """out/lock, holding "pid host", created by rank 0 for the length of a run and removed at its end, errors
+    included: a second run on the same --out is refused while the first lives. A lock whose process is gone (killed)
+    is taken over, with a note."""
+    path, mine = os.path.join(out, "lock"), f"{os.getpid()} {socket.gethostname()}\n"
+    if is_main():
+        for _ in range(3):
+            try:
+                with open(path, "x") as f:
+                    f.write(mine)
+                break
+            except FileExistsError:
+                owner = _lock_owner(path)
+                if owner is None or owner[1] != socket.gethostname() or _alive(owner[0]):
+                    who = f"process {owner[0]} on {owner[1]}" if owner else "another run"
+                    raise UserError(f"{path}: {who} is training in this --out; wait for it to end or choose another "
+                                    f"--out (delete {path} only if that run is gone)")
+                print0(f"note: {path} was left by process {owner[0]}, which is gone; taking it over")
+                if _lock_owner(path) == owner:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+            except OSError as e:
+                raise UserError(f"--out {out} cannot be written ({e.strerror or type(e).__name__}: {path}); "
+                                "choose another --out")
+        else:
+            raise UserError(f"{path} keeps coming back: another run is starting in this --out; choose another --out")
+    try:
+        yield path
+    finally:
+        if is_main() and _lock_owner(path) == (os.getpid(), socket.gethostname()):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
 def fit(args, setup, data):
     """Train setup.model on data.train (the contract: module docstring): set up, resume from the checkpoint in
-    args.out if there is one, then train_one_epoch and end_of_epoch for each epoch. Returns the summary."""
+    args.out if there is one, then train_one_epoch and end_of_epoch for each epoch. Returns the summary. The run
+    holds args.out/lock throughout (run_lock)."""
+    make_out(args.out)
+    with run_lock(args.out):
+        return _fit(args, setup, data)
+
+
+def _fit(args, setup, data):
     device, cuda = args.device, args.device.type == "cuda"
-    os.makedirs(args.out, exist_ok=True)
     model = batch_norm_policy(setup.model, setup.model.sync_bn, args.bn_splits, args.batch_size).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -1664,10 +1843,21 @@ def knn_eval(backbone, data, args, size, k=20, T=0.07):
 # ================================================================ 7. checkpoints and export
 
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a run killed during a save keeps the previous file intact."""
+    """Write to a temporary file, then rename: a run killed during a save keeps the previous file intact. A write
+    that fails (disk full, quota, I/O error) removes the temporary file, keeps the previous one and says so."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
+        if isinstance(e, RuntimeError) and "write" not in str(e).lower():
+            raise
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        kept = " (the previous one is kept)" if os.path.exists(path) else ""
+        raise UserError(f"writing {path} failed{kept}: " + ("the disk is full; free some space or choose another "
+                        "--out" if full else f"{getattr(e, 'strerror', None) or e}; check the disk and --out"))
 
 
 def rng_state():
@@ -1728,7 +1918,13 @@ def restore(ck, **objects):
             v.load_state_dict(ck[k])
 
 
-RESUME_KEYS = ["dataset", "arch", "stem", "batch_size", "epochs", "framework", "seed", "subset"]
+# The flags that may change when a run resumes: where and how it runs (processes, BatchNorm chunks standing in for
+# them, workers, device, precision: the fp16 loss scale then starts afresh), what it prints, where its files are
+# (--data may move), and when it stops (--max-steps). Every other argument, derived ones included (args after each
+# script's parse, build and resolve_data), must equal the checkpoint's; --epochs too, as the schedules span it.
+RESUME_MAY_CHANGE = {"out", "data", "download", "gpus", "device_type", "bn_splits", "workers", "precision", "compile",
+                     "log_every", "knn_every", "show_views", "max_steps", "ckpt",
+                     "resume_keys"}  # resume_keys: saved by older versions, not a flag
 
 
 def load_checkpoint(path, args, method, spe):
@@ -1737,12 +1933,15 @@ def load_checkpoint(path, args, method, spe):
         saved = ck["args"]
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it or choose another --out")
-    keys = RESUME_KEYS + list(getattr(args, "resume_keys", []))
-    diff = [k for k in keys if saved.get(k) != getattr(args, k, None)]
-    if ck.get("method") != method or diff:
-        what = (", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k, None)})" for k in diff)
-                or f"method {ck.get('method')}")
-        raise UserError(f"{path} was made with {what}; use the same flags to resume or another --out")
+    if ck.get("method") != method:
+        raise UserError(f"{path} was made by method {ck.get('method')}, this run is {method}; choose another --out")
+    now = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and k != "device"}
+    diff = [k for k in sorted((now.keys() | saved.keys()) - RESUME_MAY_CHANGE - {"device"})
+            if saved.get(k, "unset") != now.get(k, "unset")]
+    if diff:
+        what = ", ".join(f"--{k.replace('_', '-')} {saved.get(k, 'unset')} (now {now.get(k, 'unset')})" for k in diff)
+        raise UserError(f"{path} was made with {what}; resume with the same flags, or start afresh with another "
+                        f"--out (or delete {path})")
     if ck["steps_per_epoch"] != spe:
         raise UserError(f"{path} has {ck['steps_per_epoch']} steps per epoch, this run {spe}; the dataset changed")
     return ck
@@ -1754,16 +1953,21 @@ def export_backbone(backbone, path, **meta):
 
 
 def load_backbone(path, arch=None):
-    """Rebuild a backbone from backbone.pth (or a run folder, or a full checkpoint.pth)."""
+    """Rebuild a backbone from backbone.pth, or from a run folder (its backbone.pth, written whenever a run ends)."""
     if os.path.isdir(path):
         path = os.path.join(path, "backbone.pth")
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; pass a run folder or its backbone.pth")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-        sd = ck["state_dict"]
     except Exception as e:
         raise UserError(f"{path} is not a backbone.pth written by this repository ({type(e).__name__})")
+    if isinstance(ck, dict) and "model" in ck and "state_dict" not in ck:
+        raise UserError(f"{path} is a training checkpoint (the whole model); pass its run folder "
+                        f"{os.path.dirname(path) or '.'} or the backbone.pth beside it")
+    if not isinstance(ck, dict) or "state_dict" not in ck:
+        raise UserError(f"{path} is not a backbone.pth written by this repository")
+    sd = ck["state_dict"]
     arch = arch or ck.get("arch")
     net = build_backbone(arch, ck.get("stem", "imagenet"), rf_layout=ck.get("rf_layout"),
                          rf_mlp=ck.get("rf_mlp", False))
@@ -1862,6 +2066,11 @@ def show_views(args, data, views, path, n=4, title=None):
 # ================================================================ 9. command line
 
 class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and no prefix matching: --epoch is an error, not a shorthand for --epochs."""
+
+    def __init__(self, *a, allow_abbrev=False, **k):
+        super().__init__(*a, allow_abbrev=allow_abbrev, **k)
+
     def error(self, message):  # one line, no usage dump
         fail(f"{message} (see --help)")
 
@@ -1913,11 +2122,70 @@ def base_parser(description):
     return p
 
 
+# The range of every numeric flag of every script, checked in one place (check_ranges, called by parse) for the flags
+# a script has. An interval's end may name another flag (the warm-up ends before --epochs); a list flag (--local-scale
+# MIN MAX) has each value checked; None ("auto", filled later) is skipped; text after "; " says why.
+FLAG_RANGES = {
+    # base_parser: every script
+    "subset": "[0, inf)", "epochs": "[1, inf)", "lr": "(0, inf)", "wd": "[0, inf)", "warmup_epochs": "[0, epochs)",
+    "batch_size": "[2, inf); one image cannot form a negative pair", "lars_eta": "(0, inf)", "lars_clip": "[0, 1]",
+    "bn_splits": "[1, inf)", "gpus": "[0, inf)", "workers": "[0, inf)", "seed": "[0, 4294967295]",
+    "knn_every": "[0, inf)", "log_every": "[1, inf)", "max_steps": "[0, inf)",
+    # losses, queues and target encoders (common.py, contrastive_crop.py, leoclr.py, clim.py; logo.py's moco_*)
+    "temperature": "(0, inf)", "moco_t": "(0, inf)", "queue_size": "[1, inf)", "moco_k": "[1, inf)",
+    "ema": "[0, 1)", "moco_m": "[0, 1)", "tau_base": "[0, 1)", "proj_dim": "[1, inf)", "moco_dim": "[1, inf)",
+    # crops: area fractions and sizes in px
+    "crop_min_scale": "(0, 1]", "crop_scale": "(0, 1]", "global_scale": "(0, 1]", "local_scale": "(0, 1]",
+    "global_size": "[1, inf)", "local_size": "[1, inf)",
+    # logo.py
+    "ll_weight": "[0, inf)", "aff_hidden": "[1, inf)", "aff_lr": "(0, inf)", "aff_momentum": "[0, 1)",
+    "aff_wd": "[0, inf)", "aff_noise": "[0, inf)",
+    # co_ssl.py
+    "local_weight": "[0, 1]", "local_grid": "[0, inf)", "pred_hidden": "[1, inf)",
+    # contrastive_crop.py: Beta(alpha, alpha), heatmap threshold, fractions of --epochs
+    "alpha": "(0, inf)", "box_thresh": "[0, 1)", "loc_warmup": "[0, 1]", "loc_interval": "[0, 1]",
+    # clim.py
+    "clusters": "[1, inf)", "knn": "[1, inf)", "select_every": "[1, inf)", "select_start": "[0, inf)",
+    "kmeans_iters": "[0, inf)", "mix_alpha": "(0, inf)",
+}
+
+
+def check_ranges(p, args, given=None):
+    """Fail (one line) on the first numeric flag outside its FLAG_RANGES interval: the flag, its value, the range.
+    An end that names another flag binds only a value the user gave (in `given`, default: all): a method's default
+    warm-up still applies to a run shorter than it, as before."""
+    flags = {a.dest: next((o for o in a.option_strings if o.startswith("--")), a.dest) for a in p._actions}
+    for name, spec in FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue  # absent, None, or a word ("auto")
+        interval, _, why = spec.partition("; ")
+        lo, hi = (e.strip() for e in interval[1:-1].split(","))
+        relative = hi != "inf" and hi.isidentifier()  # the end is another flag's value
+        if relative and given is not None and name not in given:
+            hi, interval = "inf", interval[:-1] + ")"
+        top = math.inf if hi == "inf" else float(getattr(args, hi)) if relative else float(hi)
+        if all(math.isfinite(v) and (v >= float(lo) if interval[0] == "[" else v > float(lo))
+               and (v <= top if interval[-1] == "]" else v < top) for v in values):
+            continue
+        if hi == "inf":
+            allowed = f"{'>=' if interval[0] == '[' else '>'} {lo}"
+        elif relative:
+            allowed = f"in {interval[0]}{lo}, {flags.get(hi, hi)} {getattr(args, hi)}{interval[-1]}"
+        else:
+            allowed = f"in {interval}"
+        fail(f"{flags.get(name, '--' + name)} {' '.join(map(str, values))} is out of range: it must be {allowed}"
+             + (f" ({why})" if why else ""))
+
+
 def parse(p, defaults, method, argv=None):
-    """Parse, then fill every flag left at None from DEFAULTS[dataset] (folder/synthetic: their documented rows)."""
+    """Parse, then fill every flag left at None from DEFAULTS[dataset] (folder/synthetic: their documented rows).
+    Every numeric flag is then checked against its range (FLAG_RANGES)."""
     args = p.parse_args(argv)
     if args.dataset not in DATASETS:
         fail(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
+    given = {k for k, v in vars(args).items() if v is not None}
     row = defaults[args.dataset]
     for k, v in row.items():
         if getattr(args, k, None) is None:
@@ -1927,6 +2195,7 @@ def parse(p, defaults, method, argv=None):
                  "knn_every": knn}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    check_ranges(p, args, given)
     args.method = f"{method}-baseline" if args.baseline else method  # --baseline: its own folder and name
     args.out = args.out or os.path.join("runs", f"{args.method}-{args.dataset}")
     return args
@@ -1978,7 +2247,7 @@ def _run(args, build, show, norm_stats):
 def draw(args, data, setup, show=None):
     """--show-views: views.png and the method's own figures, without training. show(args, data, setup, path) -> dict
     draws them (every rank calls it: a method may need a collective pass first); without it, show_views."""
-    os.makedirs(args.out, exist_ok=True)
+    make_out(args.out)
     path = os.path.join(args.out, "views.png")
     out = {"method": args.method, "dataset": args.dataset, "views": path}
     if show is not None:

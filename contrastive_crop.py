@@ -348,8 +348,6 @@ def parse(argv=None):
         common.fail("need --alpha > 0, 0 <= --box-thresh < 1 and 0 < --crop-min-scale <= 1 (recommended 0.6, 0.1, 0.2)")
     if min(args.loc_warmup, args.loc_interval) < 0 or max(args.loc_warmup, args.loc_interval) > 1:
         common.fail("--loc-warmup and --loc-interval are fractions of --epochs in [0, 1] (recommended 0.2)")
-    args.resume_keys = ["crop", "alpha", "box_thresh", "loc_warmup", "loc_interval", "crop_min_scale", "temperature",
-                        "queue_size", "ema"]
     return args
 
 

@@ -173,7 +173,6 @@ def parse(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = common.parse(p, DEFAULTS, "leoclr", argv)
     args.framework = "mocov2"  # --baseline: common.MoCoV2, symmetric
-    args.resume_keys = ["queue_size", "proj_dim", "baseline", "anchor"]
     lo, hi = args.crop_scale
     if not 0 < lo <= hi <= 1:
         common.fail(f"--crop-scale {lo} {hi} must satisfy 0 < MIN <= MAX <= 1; LeOCLR uses 0.08 1.0")

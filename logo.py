@@ -267,8 +267,6 @@ def parse(argv=None):
     fw = pre.framework or DEFAULTS.get(pre.dataset, _SMALL)["framework"]  # another framework: its BN policy, same row
     defaults = {d: {**row, "framework": fw, "bn_splits": 8 if fw == "mocov2" else 1} for d, row in DEFAULTS.items()}
     args = common.parse(p, defaults, "logo", argv)
-    args.resume_keys = ["baseline", "ll_weight", "global_size", "local_size", "global_scale", "local_scale", "affinity",
-                        "aff_hidden", "aff_lr", "aff_noise", "moco_k", "moco_t", "moco_m", "moco_dim"]
     for name, (lo, hi) in (("global", args.global_scale), ("local", args.local_scale)):
         if not 0 < lo <= hi <= 1:
             common.fail(f"--{name}-scale {lo} {hi} must satisfy 0 < MIN <= MAX <= 1")
