@@ -2147,6 +2147,8 @@ FLAG_RANGES = {
     # clim.py
     "clusters": "[1, inf)", "knn": "[1, inf)", "select_every": "[1, inf)", "select_start": "[0, inf)",
     "kmeans_iters": "[0, inf)", "mix_alpha": "(0, inf)",
+    # linear_eval.py
+    "finetune_epochs": "[1, inf)", "finetune_lr": "(0, inf)", "size": "[1, inf)",
 }
 
 

@@ -101,6 +101,7 @@ def parse(argv=None):
             common.fail(f"--labels {args.labels}: give a percentage in (0, 100], e.g. 1% or 10%, or a file of names")
     if args.protocol == "paper" and args.lr and len(args.lr) > 1:
         common.fail("--protocol paper trains one head: pass one --lr (10 small datasets, 30 ImageNet)")
+    common.check_ranges(p, args)  # the numeric flags, as in every training script
     return args
 
 

@@ -473,3 +473,15 @@ def test_training_checkpoint_given_as_backbone_says_what_to_pass(tmp_path, capsy
         common.load_backbone(str(tmp_path / "checkpoint.pth"))
     net, meta = common.load_backbone(str(tmp_path))
     assert meta["method"] == "simclr" and isinstance(net, torch.nn.Module)
+
+
+@pytest.mark.parametrize("flags,phrase", [(["--epochs", "0"], "--epochs 0 is out of range"),
+                                          (["--lr", "0.1", "-1"], "--lr 0.1 -1.0 is out of range"),
+                                          (["--finetune", "--labels", "1%", "--finetune-lr", "0"], "--finetune-lr 0.0"),
+                                          (["--size", "0"], "--size 0 is out of range")])
+def test_linear_eval_flags_are_range_checked(flags, phrase, capsys):
+    import linear_eval
+    with pytest.raises(SystemExit) as e:
+        linear_eval.parse(["run", "--dataset", "synthetic", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and phrase in err[0]
