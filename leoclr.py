@@ -29,7 +29,7 @@ Commands
   python leoclr.py --dataset cifar10 --data DIR --show-views                # views.png, no training
   python linear_eval.py runs/leoclr-cifar10 runs/leoclr-baseline-cifar10 --dataset cifar10 --data DIR
 """
-import os, random, sys
+import random, sys
 
 import numpy as np
 import torch

@@ -3,7 +3,7 @@
 On the CPU, `--device cpu --gpus 2` takes exactly that path (torch.multiprocessing.spawn, gloo instead of nccl), so
 every entry point is run here as `python logo.py --dataset imagenet --gpus 8` runs, on real JPEG files read by
 workers, and compared with the torchrun launch of the same command."""
-import json, os, socket, subprocess, sys
+import os, socket, subprocess, sys
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
