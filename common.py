@@ -93,7 +93,9 @@ def launch(fn, args):
                 raise UserError(f"--gpus {args.gpus} asks for {args.gpus} GPUs but this machine has {have}; "
                                 f"pass --gpus {max(have, 1)}, or add --device cpu for {args.gpus} CPU processes")
             try:
-                torch.multiprocessing.spawn(_worker, args=(fn, args, free_port()), nprocs=args.gpus)
+                ranks = torch.multiprocessing.spawn(_worker, args=(fn, args, free_port()), nprocs=args.gpus, join=False)
+                while not ranks.join(grace_period=10):  # after one rank fails, the others get 10 s to end themselves
+                    pass
             except torch.multiprocessing.ProcessExitedException as e:  # the rank has already said why
                 if e.exit_code is not None and e.exit_code < 0:
                     print(f"error: the process of rank {e.error_index} was killed by signal {-e.exit_code}",
@@ -127,6 +129,7 @@ def _worker(local_rank, fn, args, port):
             _init_process_group(cuda, local_rank)
         fn(args)
     except BaseException as e:
+        _stop_workers()
         code = _report(e, world)
         if code is None:
             raise
@@ -136,6 +139,15 @@ def _worker(local_rank, fn, args, port):
     if code is not None:  # outside the except block: the traceback's frames, and their DataLoader workers, are freed
         gc.collect()
         sys.exit(code)
+
+
+def _stop_workers():
+    """On the way out after an error, shut this process's DataLoader workers down as DataLoader itself does, before
+    the exception's frames are freed: freeing them first can unlink the queues' semaphores while a spawned worker is
+    still starting, and that worker prints tracebacks of its own."""
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter as Running
+    for it in [o for o in gc.get_objects() if type(o) is Running]:
+        it._shutdown_workers()
 
 
 def _init_process_group(cuda, local_rank):

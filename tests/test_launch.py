@@ -107,6 +107,8 @@ def _one_clear_line(r, *phrases):
     lines = [l for l in r.err.splitlines() if l.startswith("error:")]
     assert r.rc == 2 and len(lines) == 1 and "Traceback" not in r.err, r.err[-3000:]
     assert all(p in lines[0] for p in phrases), lines[0]
+    # the others end by themselves (no SIGTERM from the launcher, no semaphores left behind by a killed rank)
+    assert not any(w in r.err for w in ("Exception ignored", "leaked semaphore", "via signal SIGTERM")), r.err[-3000:]
 
 
 def test_bad_image_met_by_rank_1_only(jpeg_folder, tmp_path):
