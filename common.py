@@ -1693,13 +1693,15 @@ def finish(summary):
 # ================================================================ 6. evaluation (kNN)
 
 class EvalDataset(torch.utils.data.Dataset):
-    """Un-augmented images: Resize(size/0.875) + CenterCrop(size) (evaluation), or squash=True: Resize((size, size))
-    (ContrastiveCrop's frame for boxes)."""
+    """Un-augmented images. view: "eval" = Resize(size/0.875) + CenterCrop(size) (evaluation); "squash" =
+    Resize((size, size)) (ContrastiveCrop's frame for boxes); "centre" = CenterCrop(size) of the image as it is
+    (CLIM's clustering view)."""
 
-    def __init__(self, source, size, indices, squash=False):
+    def __init__(self, source, size, indices, view="eval"):
         self.source, self.size, self.indices = source, size, indices
         tv = torchvision.transforms
-        resize = [tv.Resize((size, size))] if squash else [tv.Resize(round(size / 0.875)), tv.CenterCrop(size)]
+        resize = {"eval": [tv.Resize(round(size / 0.875)), tv.CenterCrop(size)], "squash": [tv.Resize((size, size))],
+                  "centre": [tv.CenterCrop(size)]}[view]
         self.tf = tv.Compose([*resize, tv.PILToTensor()])
 
     def __len__(self):
@@ -1723,11 +1725,11 @@ def shard_rows(n, rank=None):
 
 @torch.no_grad()
 def extract_features(backbone, source, size, mean, std, device, batch_size=256, workers=0, shard=False,
-                     dtype=torch.float32, fn=None, squash=False):
+                     dtype=torch.float32, fn=None, view="eval"):
     """The one pass over a dataset: fn(backbone, x) (default: pooled features) of every image of `source`, the
     network in eval mode (bf16 autocast on CUDA) with its BatchNorm statistics averaged over ranks, stored as
-    `dtype` on `device`. x: normalised, EvalDataset's view of files (squash: Resize((size, size))); in-memory images
-    are resized to size x size only if they differ.
+    `dtype` on `device`. x: normalised, EvalDataset's `view` of files; in-memory images (all of one size) are
+    centre-cropped if larger and view="centre", else resized to size x size if they differ.
 
     Each rank embeds its rows shard_rows(n). shard=True returns that shard alone (its labels are
     source.labels[shard_rows(n)]); else every rank gets all n rows in index order, which for ImageNet's train set
@@ -1735,10 +1737,10 @@ def extract_features(backbone, source, size, mean, std, device, batch_size=256, 
     (|x| < 65504, 11-bit mantissa) halves that and is ample for pooled ResNet features."""
     with rank_mean_bn_stats(backbone):
         return _sharded_pass(backbone, source, size, mean, std, device, batch_size, workers, shard, dtype,
-                             fn or (lambda net, x: net(x)), squash)
+                             fn or (lambda net, x: net(x)), view)
 
 
-def _sharded_pass(backbone, source, size, mean, std, device, batch_size, workers, shard, dtype, fn, squash):
+def _sharded_pass(backbone, source, size, mean, std, device, batch_size, workers, shard, dtype, fn, view):
     was = backbone.training
     backbone.eval()
     n, W, rows = len(source), get_world(), shard_rows(len(source))
@@ -1749,11 +1751,14 @@ def _sharded_pass(backbone, source, size, mean, std, device, batch_size, workers
     if source.in_memory:
         batches = (source.images[idx[i:i + batch_size]] for i in range(0, len(idx), batch_size))
     else:
-        batches = torch.utils.data.DataLoader(EvalDataset(source, size, idx, squash), batch_size=batch_size,
+        batches = torch.utils.data.DataLoader(EvalDataset(source, size, idx, view), batch_size=batch_size,
                                               num_workers=workers, pin_memory=cuda)
     out, i = None, 0
     for x in batches:
         x = x.to(device, non_blocking=True).float() / 255.0
+        if source.in_memory and view == "centre" and min(x.shape[-2:]) > size:
+            top, left = round((x.shape[-2] - size) / 2), round((x.shape[-1] - size) / 2)  # as CenterCrop
+            x = x[..., top:top + size, left:left + size]
         if x.shape[-1] != size and source.in_memory:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = (x - mean_t) / std_t
@@ -2157,8 +2162,8 @@ FLAG_RANGES = {
     # contrastive_crop.py: Beta(alpha, alpha), heatmap threshold, fractions of --epochs
     "alpha": "(0, inf)", "box_thresh": "[0, 1)", "loc_warmup": "[0, 1]", "loc_interval": "[0, 1]",
     # clim.py
-    "clusters": "[1, inf)", "knn": "[1, inf)", "select_every": "[1, inf)", "select_start": "[0, inf)",
-    "kmeans_iters": "[0, inf)", "mix_alpha": "(0, inf)",
+    "clusters": "[1, inf)", "cluster_every": "[1, inf)", "cluster_start": "[0, inf)", "kmeans_iters": "[0, inf)",
+    "pca_dim": "[1, inf)", "mix_prob": "[0, 1]", "mix_alpha": "(0, inf)", "resolutions": "[8, inf)",
     # linear_eval.py
     "finetune_epochs": "[1, inf)", "finetune_lr": "(0, inf)", "size": "[1, inf)",
 }

@@ -82,7 +82,7 @@ def localize(backbone, data, args, k):
     boxes = lambda net, x: boxes_from_features(common.feature_map(net, x), x.shape[-2:], k)  # layer4 map -> box
     return common.extract_features(backbone, data.train, side, data.mean, data.std, args.device,
                                    max(1, args.batch_size // common.get_world()), args.workers, fn=boxes,
-                                   squash=True).cpu()
+                                   view="squash").cpu()
 
 
 # ================================================================ views: center-suppressed crops (Alg. 1)
