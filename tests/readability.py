@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 METHODS = {"simclr": [], "mocov2": [], "byol": [], "simsiam": [], "logo": [], "co_ssl": [], "contrastive_crop": [],
-           "leoclr": ["--queue-size", "64"], "clim": ["--queue-size", "64", "--clusters", "4", "--select-start", "0"]}
+           "leoclr": ["--queue-size", "64"], "clim": ["--queue-size", "64", "--clusters", "4"]}
 TINY = ["--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--epochs", "1", "--stem", "imagenet",
         "--gpus", "0", "--knn-every", "0", "--workers", "0"]
 PIPELINE = {"device_views", "crop_resize", "photometric", "_photometric", "_compiled_photometric", "_jitter_slots",
