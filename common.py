@@ -452,7 +452,7 @@ def _tv(cls, name, layout, **kw):
     """A torchvision dataset; missing files (without download) and a failed download are said in one line."""
     root = kw["root"]
     try:
-        return cls(**kw)
+        return _rank0_first(functools.partial(cls, **kw)) if kw.get("download") else cls(**kw)
     except (RuntimeError, OSError) as e:  # urllib's URLError and HTTPError are OSErrors
         if kw.get("download"):
             raise UserError(f"downloading {name} into {root} failed ({type(e).__name__}: {_one_line(e)}); check the "
@@ -461,6 +461,19 @@ def _tv(cls, name, layout, **kw):
             raise UserError(f"{name} not found under {root} (expected {root}/{layout}); pass --download to fetch it, "
                             "or --data DIR where it lies")
         raise
+
+
+def _rank0_first(fn):
+    """fn() in rank 0 first, the other processes waiting, then in them: one download, not one per process writing
+    the same files (torchvision then finds them and only checks them). Rank 0 failing ends the others' wait."""
+    if not is_dist():
+        return fn()
+    if get_rank() == 0:
+        out = fn()
+        dist.barrier()
+        return out
+    dist.barrier()
+    return fn()
 
 
 def _check_root(name, root, download):

@@ -1,5 +1,5 @@
 """Tests of common.py (the foundation) and linear_eval.py."""
-import itertools, json, math, os, random
+import itertools, json, math, os, random, time
 
 import numpy as np
 import pytest
@@ -503,3 +503,29 @@ def test_gpu_check_table_shows_targets_and_problems(capsys):
     assert lines[-1].startswith("clim (synthetic jpeg): FAILED")
     if not torch.cuda.is_available():  # without a GPU it says so in one line and succeeds
         assert gpu_check.main([]) == 0 and len(capsys.readouterr().out.strip().splitlines()) == 1
+
+
+class _SlowDownload:
+    """A torchvision-like dataset whose download takes a while: a second process that does not wait for the first
+    finds no files and downloads too."""
+    def __init__(self, root, download=False):
+        done = os.path.join(root, "done")
+        if download and not os.path.exists(done):
+            with open(os.path.join(root, f"downloaded-by-{torch.distributed.get_rank()}"), "w"):
+                pass
+            time.sleep(1.0)
+            open(done, "w").close()
+        if not os.path.exists(done):
+            raise RuntimeError("Dataset not found. You can use download=True to download it")
+
+
+def _download_in_two(rank, port, root):
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    common._tv(_SlowDownload, "SLOW", "done", root=root, download=True)
+    torch.distributed.destroy_process_group()
+
+
+def test_download_runs_in_rank_0_while_the_others_wait(tmp_path):
+    from conftest import free_port
+    torch.multiprocessing.spawn(_download_in_two, args=(free_port(), str(tmp_path)), nprocs=2)
+    assert sorted(os.listdir(tmp_path)) == ["done", "downloaded-by-0"]
