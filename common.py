@@ -422,7 +422,9 @@ def _maybe_in_memory(src, max_side=96):
     first always, all of them for an in-memory candidate) is checked for size (_open_rgb); file data is checked again
     as it is read."""
     first = _open_rgb(src.files[0])
-    if max(first.size) > max_side or len(src) > 300_000:
+    probe = [_open_rgb(src.files[i]).size for i in range(0, len(src), max(1, len(src) // 16))]  # not the first alone
+    src.side_hint = sorted(min(size) for size in probe)[len(probe) // 2]  # the median shorter side (folder_like)
+    if max(first.size) > max_side or len(src) > 300_000 or any(size != first.size for size in probe):
         return src
     arr = np.empty((len(src), first.size[1], first.size[0], 3), np.uint8)
     for i, f in enumerate(src.files):
@@ -627,6 +629,11 @@ def _select_classes(src, keep, path=""):
 def native_size(source):
     """Side of the training images when they are all alike (in memory), else None (large, varied images)."""
     return source.images.shape[-1] if source.in_memory else None
+
+
+def image_side(source):
+    """The images' side: native when they are alike, else a folder's median shorter side (of 16 probed), else None."""
+    return native_size(source) or getattr(source, "side_hint", None)
 
 
 def sample_rng(seed, epoch, index):
@@ -1372,7 +1379,7 @@ def build_framework(name, backbone, imagenet, args, contrastive_crop=False):
             return SimCLR(backbone, dims, t, loss_scale=t / 0.07, head_bn=False)
         return SimCLR(backbone, dims, t)
     if name == "mocov2":
-        return MoCoV2(backbone, dims, args.queue_size or c["queue_size"], t, args.ema or c["ema"],
+        return MoCoV2(backbone, dims, args.queue_size or capped_queue(args, c["queue_size"]), t, args.ema or c["ema"],
                       symmetric=getattr(args, "symmetric", False), head_bn=c.get("head_bn", False))
     if name == "byol":
         return BYOL(backbone, dims, 512 if not imagenet else 4096, args.ema or c["ema"],
@@ -1571,6 +1578,8 @@ def train_one_epoch(r, epoch):
     r.sampler.set_epoch(epoch, skip)
     r.sums = {k: torch.tensor(v, device=device) for k, v in r.partial.items()} if skip else {}
     r.partial, r.t_epoch, r.t_log, r.steps_log = {}, time.time(), time.time(), 0
+    r.every = getattr(r, "every", None) or min(args.log_every, 2)  # the first line early: it estimates the epoch
+    r.next_log = r.step + r.every
     r.bad = torch.zeros((), dtype=torch.bool, device=device)
     for batch in timed(r.loader, r.data_wait):
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -1592,20 +1601,29 @@ def train_one_epoch(r, epoch):
             r.sums[k] = r.sums.get(k, 0) + torch.as_tensor(v, device=device).detach().float()
         r.step, r.steps_log = r.step + 1, r.steps_log + 1
         r.stopped = bool(args.max_steps) and r.step >= args.max_steps
-        if r.step % args.log_every == 0 or r.step == r.total or r.stopped:
+        if r.step >= r.next_log or r.step == r.total or r.stopped:
             log_progress(r, epoch)
         if r.stopped:
             break
 
 
 def log_progress(r, epoch):
-    """The progress line: mean losses of the epoch so far, lr, throughput, data-loader wait, time left."""
+    """The progress line: mean losses of the epoch so far, lr, throughput, data-loader wait, time left. A line comes
+    every --log-every steps, or sooner, so that one comes at least every 30 s (the interval follows the time per step
+    averaged over the processes, so that all of them log, a collective, at the same steps)."""
     check_finite(r.bad, r.step, r.ckpt)
     dt = time.time() - r.t_log
     r.train_time += dt
+    avg = mean_over_ranks({**r.sums, "time": torch.tensor(dt, device=r.args.device)})
+    dt = avg.pop("time").item()
+    avg = {k: v.item() / (r.step - epoch * r.spe) for k, v in avg.items()}
     ips = r.steps_log * r.args.batch_size / max(dt, 1e-9)
-    avg = {k: v.item() / (r.step - epoch * r.spe) for k, v in mean_over_ranks(r.sums).items()}
     eta = (r.total - r.step) * r.args.batch_size / max(ips, 1e-9)
+    if not getattr(r, "estimated", False):
+        r.estimated = True
+        print0(f"first steps: {ips:.1f} img/s, about {fmt_time(r.spe * r.args.batch_size / max(ips, 1e-9))} an epoch")
+    r.every = max(1, min(r.args.log_every, int(30 * r.steps_log / max(dt, 1e-9))))
+    r.next_log = r.step + r.every
     print0(f"ep {epoch + 1}/{r.args.epochs} step {r.step}/{r.total} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
            + f" lr {r.opt.param_groups[0]['lr']:.4g} img/s {ips:.1f} data wait "
            f"{100 * r.data_wait[0] / max(r.train_time, 1e-9):.0f}% eta {fmt_time(eta)}")
@@ -2212,13 +2230,16 @@ def check_ranges(p, args, given=None):
 
 
 def parse(p, defaults, method, argv=None):
-    """Parse, then fill every flag left at None from DEFAULTS[dataset] (folder/synthetic: their documented rows).
+    """Parse, then fill every flag left at None from DEFAULTS[dataset] (synthetic: its documented row; folder: a
+    placeholder row until resolve_folder has seen the images).
     Every numeric flag is then checked against its range (FLAG_RANGES)."""
     args = p.parse_args(argv)
     if args.dataset not in DATASETS:
         fail(f"unknown dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
     given = {k for k, v in vars(args).items() if v is not None}
     row = defaults[args.dataset]
+    if args.dataset == "folder":  # the row is chosen from the images once they are seen (resolve_data)
+        args.folder_rows = {like: {k: v for k, v in defaults[like].items() if k not in given} for like in FOLDER_LIKE}
     for k, v in row.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -2243,11 +2264,60 @@ def default_workers(in_memory, args):
     return max(1, cores // local)
 
 
+# --dataset folder takes the DEFAULTS row of the dataset its images resemble: by side when they are small and alike
+# (kept in memory), else ImageNet-100's row below 300,000 images and ImageNet's above.
+FOLDER_LIKE = {"cifar10": 32, "tinyimagenet": 64, "stl10": 96, "imagenet100": None, "imagenet": None}
+QUEUE_FLAGS = ("queue_size", "moco_k")  # the key queues of the MoCo-style methods (logo.py: moco_k)
+
+
+def folder_like(source):
+    """The dataset whose DEFAULTS row a folder of these images takes (FOLDER_LIKE)."""
+    side = image_side(source)
+    if side is not None and side <= FOLDER_LIKE["stl10"]:
+        return next(like for like, s in FOLDER_LIKE.items() if s is not None and side <= s)
+    return "imagenet100" if len(source) < 300_000 else "imagenet"
+
+
+def resolve_folder(args, source):
+    """--dataset folder: the flags the user left unset take the row of the dataset the images resemble, the key
+    queue stays below the number of images (a larger one would hold keys of the same image from earlier epochs),
+    and the choice is printed."""
+    rows = args.__dict__.pop("folder_rows", None)
+    if rows is None:  # resolved already (resume, or a second call)
+        return
+    like, n = folder_like(source), len(source)
+    for k, v in rows[like].items():
+        setattr(args, k, v)
+    args.queue_cap = max(args.batch_size, (n - args.batch_size) // args.batch_size * args.batch_size)
+    for k in QUEUE_FLAGS:
+        q, cap = getattr(args, k, None), n - args.batch_size
+        if q is None or q <= cap:
+            continue
+        if k not in rows[like]:
+            raise UserError(f"--{k.replace('_', '-')} {q} holds more keys than the folder's {n} images minus one "
+                            f"batch ({cap}): keys of an image would meet that image again; pass at most {max(cap, 0)}")
+        setattr(args, k, args.queue_cap)
+    return like
+
+
+def capped_queue(args, default):
+    """A framework's default queue length, within a folder's cap (resolve_folder): the largest multiple of the batch
+    that leaves one batch of images out of the queue."""
+    return min(default, getattr(args, "queue_cap", None) or default)
+
+
 def resolve_data(args, data):
-    """Defaults that depend on the loaded data: the stem (auto) and the number of workers."""
-    side = native_size(data.train)
+    """Defaults that depend on the loaded data: a folder's row, the stem (auto) and the number of workers."""
+    like = resolve_folder(args, data.train) if args.dataset == "folder" else None
+    side = image_side(data.train)
     if args.stem == "auto":
         args.stem = "cifar" if side is not None and side <= 64 else "imagenet"
+    if like:
+        shown = ", ".join(f"{k} {getattr(args, k)}" for k in ("arch", "stem", "epochs", "batch_size", "lr",
+                                                               *QUEUE_FLAGS) if getattr(args, k, None) is not None)
+        how = "kept in memory" if data.train.in_memory else "median shorter side"
+        print0(f"folder: {len(data.train)} images, {side} px ({how}): {like}'s row for the flags not given ({shown}), "
+               f"{view_size(args, data)} px views; pass flags to change any of it")
     if args.workers is None:
         args.workers = default_workers(data.train.in_memory, args)
     return side
@@ -2313,7 +2383,10 @@ def base_norm_stats(args):
 
 
 def view_size(args, data):
-    """Training view side: native for small datasets (32/64/96), 224 for ImageNet-like and large-image folders."""
+    """Training view side: native for small datasets (32/64/96); a folder: native when its images are alike and small,
+    else the side of the dataset they resemble (folder_like); 224 for ImageNet-like data."""
+    if args.dataset == "folder" and not data.train.in_memory:
+        return FOLDER_LIKE[folder_like(data.train)] or 224
     return DATASETS[args.dataset]["size"] or native_size(data.train) or 224
 
 

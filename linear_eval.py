@@ -36,6 +36,7 @@ Last stdout line: one JSON object {"dataset", "runs": {run: {"knn_top1", "knn_to
 "finetune_top5", "finetune_images" replace the linear keys.
 """
 import copy, math, os
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -314,7 +315,7 @@ def run(args):
         raise common.UserError(f"{args.dataset} at {args.data} has no labelled train/val split to evaluate on")
     if args.workers is None:
         args.workers = common.default_workers(data.knn_train.in_memory, args)
-    size = args.size or common.DATASETS[args.dataset]["size"] or common.native_size(data.knn_train) or 224
+    size = args.size or common.view_size(args, SimpleNamespace(train=data.knn_train))  # the training scripts' rule
     subset = labelled_subset(data.knn_train, args.labels, args.seed) if args.finetune else None
     results = {}
     for path in args.runs:

@@ -136,7 +136,6 @@ class AffinityTrainer(common.State):
 # (global px, local px): code loader.py; STL/Tiny ours
 SIZES = {"cifar10": (32, 32), "cifar100": (32, 32), "synthetic": (32, 32), "stl10": (96, 48),
          "tinyimagenet": (64, 32), "imagenet100": (224, 96), "imagenet": (224, 96)}
-LIKE = {32: "cifar10", 64: "tinyimagenet", 96: "stl10"}  # folder: the sizes of the dataset with the same image side
 
 
 class LoGoViews:
@@ -277,9 +276,10 @@ def parse(argv=None):
     return args
 
 
-def view_plan(args, side):
-    """Resolve the crop sizes (paper Sec. 4.1 and the code's loader.py; folder: by its image side) -> Views."""
-    g, l = SIZES.get(args.dataset) or SIZES[LIKE.get(side, "imagenet")]
+def view_plan(args, like):
+    """Resolve the crop sizes (paper Sec. 4.1 and the code's loader.py; a folder: those of the dataset it resembles,
+    common.folder_like) -> Views."""
+    g, l = SIZES[like]
     args.global_size, args.local_size = args.global_size or g, args.local_size or l
     G, L = args.global_size, args.local_size
     if args.baseline:  # the base framework's two views: scale (0.2, 1) at the global size
@@ -291,7 +291,7 @@ def view_plan(args, side):
 
 
 def build(args, data):
-    views = view_plan(args, common.native_size(data.train))
+    views = view_plan(args, common.folder_like(data.train) if args.dataset == "folder" else args.dataset)
     if args.batch_size // common.get_world() < 2:
         raise common.UserError(f"--batch-size {args.batch_size} leaves < 2 images per process; "
                                "LoGo needs 2 for negatives")

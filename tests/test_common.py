@@ -1,5 +1,6 @@
 """Tests of common.py (the foundation) and linear_eval.py."""
-import itertools, json, math, os, random, time
+import itertools, json, math, os, random, re, time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -529,3 +530,19 @@ def test_download_runs_in_rank_0_while_the_others_wait(tmp_path):
     from conftest import free_port
     torch.multiprocessing.spawn(_download_in_two, args=(free_port(), str(tmp_path)), nprocs=2)
     assert sorted(os.listdir(tmp_path)) == ["done", "downloaded-by-0"]
+
+
+def test_progress_lines_come_at_least_every_30_seconds(capsys):
+    """5 steps took 7.3 s: with --log-every 50 the next line comes after 20 steps (30 s), not 50; a first line
+    estimates the epoch's time (100 steps of 8 images at 5.5 img/s: 2 min 26 s)."""
+    args = SimpleNamespace(batch_size=8, log_every=50, device=torch.device("cpu"), epochs=1)
+    r = SimpleNamespace(args=args, bad=torch.tensor(False), step=5, ckpt="", t_log=time.time() - 7.3, train_time=0.0,
+                        sums={"loss": torch.tensor(5.0)}, spe=100, total=100, data_wait=[0.0], steps_log=5, every=2,
+                        opt=SimpleNamespace(param_groups=[{"lr": 0.1}]))
+    common.log_progress(r, 0)
+    assert r.every == 20 and r.next_log == 25
+    out = capsys.readouterr().out
+    assert re.search(r"first steps: 5\.5 img/s, about 0:02:2\d an epoch", out) and "step 5/100 loss 1.0000" in out
+    r.t_log, r.steps_log, r.step = time.time() - 1, 20, 25  # fast steps: back to --log-every
+    common.log_progress(r, 0)
+    assert r.every == 50 and "first steps" not in capsys.readouterr().out

@@ -51,9 +51,10 @@ def run_main(argv):
                                                ("folder", 64, (0, 0))])
 def test_view_shapes_per_dataset(dataset, side, blur):
     args = logo.parse(["--dataset", dataset])
-    views = logo.view_plan(args, side)
+    like = dataset if dataset != "folder" else "tinyimagenet"  # a folder of 64 px images (common.folder_like)
+    views = logo.view_plan(args, like)
     sizes, recipes = views.sizes, views.recipes
-    G, L = logo.SIZES[dataset if dataset != "folder" else "tinyimagenet"]
+    G, L = logo.SIZES[like]
     assert sizes == [G, G, L, L] and [r.p_blur for r in recipes] == [blur[0]] * 2 + [blur[1]] * 2
     assert all(r.p_solarize == 0 and r.jitter == (0.4, 0.4, 0.4, 0.1) and r.p_gray == 0.2 for r in recipes)
     imgs = torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8)
@@ -62,7 +63,7 @@ def test_view_shapes_per_dataset(dataset, side, blur):
     views = common.device_views(batch, imgs, (0.5,) * 3, (0.25,) * 3, sizes, torch.device("cpu"))
     assert [tuple(v.shape) for v in views] == [(2, 3, G, G)] * 2 + [(2, 3, L, L)] * 2
     base_args = logo.parse(["--dataset", dataset, "--baseline"])
-    base_sizes = logo.view_plan(base_args, side).sizes
+    base_sizes = logo.view_plan(base_args, like).sizes
     assert base_sizes == [G, G]
 
 

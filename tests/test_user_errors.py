@@ -485,3 +485,60 @@ def test_linear_eval_flags_are_range_checked(flags, phrase, capsys):
         linear_eval.parse(["run", "--dataset", "synthetic", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and phrase in err[0]
+
+
+# ---------------------------------------------------------------- a folder's settings come from its images
+
+def folder_of(root, sides, classes=2):
+    """ImageFolder of noise images, side by side from `sides` (cycled over the images, class by class)."""
+    for i, side in enumerate(sides):
+        image(root / f"c{i % classes}" / f"{i:03d}.png", side=side, seed=i)
+    return str(root)
+
+
+def resolved(script, root, *flags):
+    module = importlib.import_module(script)
+    args = module.parse(["--dataset", "folder", "--data", root, *flags])
+    data = common.load_data(args)
+    common.resolve_data(args, data)
+    return args, data
+
+
+def test_small_folder_takes_the_cifar_row_and_a_queue_below_its_size(tmp_path, capsys):
+    """The issue's case: logo.py on a folder of 32 px images got the ImageNet-100 row (ResNet-34, 65,536 keys)."""
+    root = folder_of(tmp_path, [32] * 1200)
+    args, data = resolved("logo", root)
+    cifar = importlib.import_module("logo").parse(["--dataset", "cifar10"])
+    assert data.train.in_memory and common.view_size(args, data) == 32
+    assert (args.arch, args.stem, args.epochs, args.lr) == (cifar.arch, "cifar", cifar.epochs, cifar.lr)
+    assert args.moco_k == 512 and args.batch_size == 512  # 1,200 images - one batch, a multiple of the batch
+    assert "cifar10's row" in capsys.readouterr().out
+    args, _ = resolved("logo", root, "--arch", "resnet50", "--epochs", "3")  # what is given stays
+    assert (args.arch, args.epochs) == ("resnet50", 3)
+
+
+def test_common_mocov2_default_queue_is_capped_on_a_small_folder(tmp_path):
+    root = folder_of(tmp_path, [32] * 300)
+    args = common.parse_base(["--dataset", "folder", "--data", root, "--framework", "mocov2", "--batch-size", "64"])
+    data = common.load_data(args)
+    common.resolve_data(args, data)
+    model = common.build_base(args, data).model
+    assert len(model.queue.queue) == 192  # 300 images - one batch of 64, rounded down to a multiple of 64
+
+
+def test_user_queue_larger_than_the_folder_is_an_error(tmp_path):
+    root = folder_of(tmp_path, [32] * 100)
+    with pytest.raises(common.UserError, match="--queue-size 4096 holds more keys than the folder's 100 images"):
+        resolved("leoclr", root, "--queue-size", "4096", "--batch-size", "16")
+
+
+def test_varied_folder_is_judged_by_its_median_side_not_its_first_image(tmp_path):
+    """Images of 56-60 px (not alike: read from disk) take Tiny ImageNet's row and 64 px views; one 300 px first
+    image does not make them ImageNet."""
+    root = folder_of(tmp_path, [300] + [56, 60] * 30)
+    args, data = resolved("clim", root)
+    assert not data.train.in_memory and common.folder_like(data.train) == "tinyimagenet"
+    assert common.view_size(args, data) == 64 and args.stem == "cifar"
+    big = folder_of(tmp_path / "big", [200, 250] * 5)
+    args, data = resolved("clim", big)
+    assert common.folder_like(data.train) == "imagenet100" and common.view_size(args, data) == 224
