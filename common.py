@@ -2196,7 +2196,7 @@ FLAG_RANGES = {
     "clusters": "[1, inf)", "cluster_every": "[1, inf)", "cluster_start": "[0, inf)", "kmeans_iters": "[0, inf)",
     "pca_dim": "[1, inf)", "mix_prob": "[0, 1]", "mix_alpha": "(0, inf)", "resolutions": "[8, inf)",
     # linear_eval.py
-    "finetune_epochs": "[1, inf)", "finetune_lr": "(0, inf)", "size": "[1, inf)",
+    "finetune_epochs": "[1, inf)", "finetune_lr": "(0, inf)", "size": "[1, inf)", "robust_images": "[0, inf)",
 }
 
 

@@ -86,6 +86,10 @@ def parse(argv=None):
     a("--workers", type=int, default=None, help="data-loader workers")
     a("--seed", type=int, default=0, help="seed (held-out split, label subset, batches, crops)")
     a("--out", default=None, help="where comparison.png goes (default: the first run's folder)")
+    a("--robustness", action="store_true",
+      help="after the probe, its test top-1 under Gaussian noise, zeroed feature-map positions and FGSM/PGD attacks "
+           "(CO-SSL's robustness claims): a table and robustness.png")
+    a("--robust-images", type=int, default=0, help="test images for the --robustness rows (0: all; evenly spaced)")
     args = p.parse_args(argv)
     if args.dataset not in common.DATASETS:
         common.fail(f"unknown dataset '{args.dataset}'; choose one of {', '.join(common.DATASETS)}")
@@ -100,6 +104,8 @@ def parse(argv=None):
             pct = -1.0
         if not 0 < pct <= 100:
             common.fail(f"--labels {args.labels}: give a percentage in (0, 100], e.g. 1% or 10%, or a file of names")
+    if args.robustness and (args.knn_only or args.finetune):
+        common.fail("--robustness measures the linear probe: drop --knn-only / --finetune")
     if args.protocol == "paper" and args.lr and len(args.lr) > 1:
         common.fail("--protocol paper trains one head: pass one --lr (10 small datasets, 30 ImageNet)")
     common.check_ranges(p, args)  # the numeric flags, as in every training script
@@ -333,7 +339,7 @@ def run(args):
         if args.finetune:
             res.update(finetune(net, seen, args, size, subset))
         results[path] = res
-        common.print0(f"{path}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items() if v is not None))
+        common.print0(f"{path}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items() if isinstance(v, (int, float))))
     if common.is_main():
         report(results, args)
     common.finish({"dataset": args.dataset, "runs": results})
@@ -405,7 +411,71 @@ def evaluate(net, data, args, size):
                linear_heldout_top1=heldout[h].item() if sweep else None)
     common.print0(f"  linear: lr {s['lrs'][h]:g}" + (f", held-out top-1 {heldout[h]:.2f}" if sweep else "")
                   + f", training loss {loss[h]:.4f}: test top-1 {top1:.2f} top-5 {top5:.2f}")
+    if args.robustness:
+        res["robustness"] = robustness(net, lambda f: heads(f)[:, h], data, args, size)
     return res
+
+
+# ---- --robustness: CO-SSL's claims (noise, internal corruption, small adversarial attacks), on the probe's test set
+
+ROBUSTNESS = {"noise": [0.05, 0.1, 0.2],              # std of Gaussian pixel noise (pixels in [0, 1]), clamped
+              "internal": [0.25, 0.5, 0.75],          # fraction of the last feature map's positions zeroed
+              "fgsm": [1 / 255, 2 / 255, 4 / 255],    # L-inf radius in pixels: one signed-gradient step
+              "pgd": [1 / 255, 2 / 255, 4 / 255]}     # the same radius, 10 steps of radius / 4, no random start
+PGD_STEPS = 10
+
+
+def corrupted_logits(kind, strength, net, head, x, y, gen, mean, std):
+    """The probe's logits for a batch x (normalised pixels) corrupted by `kind` at `strength`. gen(i) gives image i's
+    generator (noise and masks depend on the image and the seed, not on the batch or the number of processes)."""
+    pix = x * std + mean                                                       # back to [0, 1]
+    if kind == "noise":
+        noise = torch.stack([torch.randn(x.shape[1:], generator=gen(i)) for i in range(len(x))]).to(x.device)
+        return head(net(((pix + strength * noise).clamp(0, 1) - mean) / std))
+    if kind == "internal":
+        fm = common.feature_map(net, x)
+        hw = fm.shape[-2] * fm.shape[-1]
+        keep = torch.stack([torch.randperm(hw, generator=gen(i)) >= round(strength * hw) for i in range(len(x))])
+        fm = fm * keep.view(len(x), 1, *fm.shape[-2:]).to(fm.device, fm.dtype)
+        return head(net.fc(fm.mean((2, 3))))                                   # the backbone's own pooling + fc
+    adv = pix.clone()
+    steps, alpha = (1, strength) if kind == "fgsm" else (PGD_STEPS, strength / 4)
+    for _ in range(steps):
+        with torch.enable_grad():
+            adv.requires_grad_(True)
+            loss = F.cross_entropy(head(net((adv - mean) / std)).float(), y)
+            grad, = torch.autograd.grad(loss, adv)
+        adv = (adv.detach() + alpha * grad.sign()).clamp(pix - strength, pix + strength).clamp(0, 1)
+    return head(net((adv - mean) / std))
+
+
+def robustness(net, head, data, args, size):
+    """Test top-1 of the probe (head on the frozen backbone) under each ROBUSTNESS corruption and strength: the same
+    sharded pass as every evaluation (common.extract_features), the corruption applied inside it."""
+    te = data.knn_val
+    if args.robust_images:
+        te = te.rows(torch.linspace(0, len(te) - 1, min(args.robust_images, len(te))).round().long())
+    mean = common._channel_constant(tuple(data.mean), args.device)
+    std = common._channel_constant(tuple(data.std), args.device)
+    out = {}
+    for kind, strengths in ROBUSTNESS.items():
+        out[kind] = {}
+        for strength in strengths:
+            mine, seen = common.shard_rows(len(te)), [0]
+            idx = [*range(mine.start, mine.stop)]
+            idx += [len(te) - 1] * (math.ceil(len(te) / common.get_world()) - len(idx))  # padded as the pass pads
+
+            def fn(net, x):  # the pass visits idx in order, batch by batch
+                rows, seen[0] = idx[seen[0]:seen[0] + len(x)], seen[0] + len(x)
+                gen = lambda j: torch.Generator().manual_seed(args.seed * 10 ** 9 + rows[j])
+                y = te.labels[rows].to(x.device)
+                return corrupted_logits(kind, strength, net, head, x.float(), y, gen, mean, std)
+            logits = common.extract_features(net, te, size, data.mean, data.std, args.device, workers=args.workers,
+                                             fn=fn)
+            top1, _ = common.topk_accuracy(logits.topk(min(5, logits.shape[1]), dim=1).indices, te.labels)
+            out[kind][f"{round(strength * 255)}/255" if kind in ("fgsm", "pgd") else f"{strength:g}"] = top1
+        common.print0(f"  robustness, {kind}: " + ", ".join(f"{k} -> {v:.2f}" for k, v in out[kind].items()))
+    return out
 
 
 def finetune(net, data, args, size, subset):
@@ -447,6 +517,9 @@ def report(results, args):
     print("| run | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for path, r in results.items():
         print(f"| {path} | " + " | ".join(f"{r[c]:.2f}" if r.get(c) is not None else "-" for c in cols) + " |")
+    robust = {path: r["robustness"] for path, r in results.items() if r.get("robustness")}
+    if robust:
+        robustness_report(robust, {path: r["linear_top1"] for path, r in results.items()}, args)
     if len(results) > 1:
         plt = common._plt()
         out = args.out or (args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0]) or ".")
@@ -464,6 +537,32 @@ def report(results, args):
         fig.savefig(os.path.join(out, "comparison.png"), dpi=100)
         plt.close(fig)
         print(f"wrote {os.path.join(out, 'comparison.png')}")
+
+
+def robustness_report(robust, clean, args):
+    """The --robustness table (clean top-1, then each corruption and strength) and robustness.png: top-1 against
+    strength, one panel per corruption, one line per run."""
+    cols = [(kind, k) for kind in ROBUSTNESS for k in next(iter(robust.values()))[kind]]
+    print("| run | clean | " + " | ".join(f"{kind} {k}" for kind, k in cols) + " |\n|---|---|" + "---|" * len(cols))
+    for path, r in robust.items():
+        print(f"| {path} | {clean[path]:.2f} | " + " | ".join(f"{r[kind][k]:.2f}" for kind, k in cols) + " |")
+    plt = common._plt()
+    out = args.out or (args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0]) or ".")
+    os.makedirs(out, exist_ok=True)
+    fig, axes = plt.subplots(1, len(ROBUSTNESS), figsize=(3.2 * len(ROBUSTNESS), 3))
+    units = {"noise": "noise std", "internal": "fraction of positions zeroed", "fgsm": "FGSM radius (x255)",
+             "pgd": f"PGD-{PGD_STEPS} radius (x255)"}
+    for ax, kind in zip(axes, ROBUSTNESS):
+        for path, r in robust.items():
+            xs = [0] + [float(k.split("/")[0]) for k in r[kind]]  # attacks: radius x 255
+            ax.plot(xs, [clean[path]] + list(r[kind].values()), marker="o",
+                    label=os.path.basename(os.path.normpath(path)))
+        ax.set(xlabel=units[kind], ylabel="test top-1 (%)", title=kind)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "robustness.png"), dpi=100)
+    plt.close(fig)
+    print(f"wrote {os.path.join(out, 'robustness.png')}")
 
 
 def main(argv=None):

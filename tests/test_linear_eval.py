@@ -213,3 +213,67 @@ def test_finetune_cli_reports_top1_and_leaves_the_checkpoint_untouched(tmp_path)
     assert 0 <= res["finetune_top1"] <= res["finetune_top5"] <= 100 and "linear_top1" not in res
     assert "| run | finetune_top1" in r.out and "batch 10, lr 0.001953, 1 epochs" in r.out   # 0.05 x 10 / 256
     assert hashlib.sha256(open(path, "rb").read()).hexdigest() == before
+
+
+# ---------------------------------------------------------------- --robustness (CO-SSL's claims)
+
+def _robust_setup():
+    torch.manual_seed(0)
+    net = common.build_backbone("resnet18", "cifar").eval().requires_grad_(False)
+    head = torch.nn.Linear(net.out_dim, C)
+    mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    pix = torch.rand(4, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 3])
+    gen = lambda i: torch.Generator().manual_seed(100 + i)
+    return net, head, (pix - mean) / std, y, gen, mean, std
+
+
+def test_robustness_zero_strength_is_the_clean_probe_and_full_masking_leaves_the_bias():
+    net, head, x, y, gen, mean, std = _robust_setup()
+    clean = head(net(x))
+    for kind in ("noise", "internal", "fgsm", "pgd"):
+        torch.testing.assert_close(linear_eval.corrupted_logits(kind, 0.0, net, head, x, y, gen, mean, std), clean,
+                                   rtol=1e-4, atol=1e-4)  # only the [0, 1] round trip's rounding
+    full = linear_eval.corrupted_logits("internal", 1.0, net, head, x, y, gen, mean, std)
+    torch.testing.assert_close(full, head.bias.expand(4, C))  # every position zeroed: pooled features 0
+
+
+def test_noise_and_masks_belong_to_the_image_not_the_batch():
+    """Image i's corruption comes from gen(i): the same logits whether it is first in a batch or second."""
+    net, head, x, y, gen, mean, std = _robust_setup()
+    for kind in ("noise", "internal"):
+        a = linear_eval.corrupted_logits(kind, 0.5, net, head, x[0:2], y[0:2], gen, mean, std)
+        b = linear_eval.corrupted_logits(kind, 0.5, net, head, x[1:3], y[1:3], lambda i: gen(i + 1), mean, std)
+        torch.testing.assert_close(a[1], b[0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(a[1], head(net(x[1:2]))[0], atol=1e-3)  # and it does corrupt
+
+
+def test_attacks_stay_in_their_radius_and_raise_the_loss(monkeypatch):
+    net, head, x, y, gen, mean, std = _robust_setup()
+    seen = []
+    monkeypatch.setattr(net, "forward", lambda z, f=net.forward: (seen.append(z.detach() * std + mean), f(z))[1])
+    eps = 4 / 255
+    clean = torch.nn.functional.cross_entropy(head(net(x)), y)
+    pix = seen[-1]
+    for kind in ("fgsm", "pgd"):
+        logits = linear_eval.corrupted_logits(kind, eps, net, head, x, y, gen, mean, std)
+        adv = seen[-1]
+        assert (adv - pix).abs().max() <= eps + 1e-5 and adv.min() >= -1e-6 and adv.max() <= 1 + 1e-6
+        assert torch.nn.functional.cross_entropy(logits, y) > clean
+        if kind == "fgsm":  # one signed step: every pixel moved by the full radius unless [0, 1] cut it
+            moved = (adv - pix).abs()
+            inside = (pix > eps) & (pix < 1 - eps)
+            torch.testing.assert_close(moved[inside], torch.full_like(moved[inside], eps), rtol=0, atol=1e-5)
+
+
+def test_robustness_cli_table_plot_and_json(tmp_path):
+    path = backbone(tmp_path / "b.pth")
+    r, res = probe(path, "--epochs", "2", "--robustness", "--robust-images", "20", "--out", str(tmp_path))
+    rob = res["robustness"]
+    assert list(rob) == list(linear_eval.ROBUSTNESS) and rob["fgsm"].keys() == {"1/255", "2/255", "4/255"}
+    assert all(0 <= v <= 100 and (v * 20 / 100) == pytest.approx(round(v * 20 / 100), abs=1e-3)  # of 20 images
+               for kind in rob.values() for v in kind.values())
+    assert "| run | clean | noise 0.05 |" in r.out and (tmp_path / "robustness.png").stat().st_size > 0
+    bad = run_cli("linear_eval.py", path, "--dataset", "synthetic", "--knn-only", "--robustness", "--gpus", "0")
+    assert bad.rc == 2 and "--robustness measures the linear probe" in bad.err and "Traceback" not in bad.err
