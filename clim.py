@@ -285,7 +285,8 @@ class Clusters(common.State):
             y = torch.as_tensor(self.data.train.labels)
             key = assign * (int(y.max()) + 1) + y
             same = torch.bincount(key[ok], minlength=self.k * (int(y.max()) + 1)).double()[key]
-            stats["label_agreement"] = (same / torch.bincount(assign[ok], minlength=self.k).double()[assign]).mean().item()
+            eligible_in_cluster = torch.bincount(assign[ok], minlength=self.k).double()[assign]
+            stats["label_agreement"] = (same / eligible_in_cluster).mean().item()
         return stats
 
     def state_dict(self):
