@@ -1,4 +1,4 @@
-"""CO-SSL (CO-BYOL): Seeing the Whole in the Parts in Self-Supervised Representation Learning.
+"""CO-SSL (CO-BYOL, CO-MoCoV3, CO-DINO): Seeing the Whole in the Parts in Self-Supervised Representation Learning.
 Aubret, Teulière, Triesch, arXiv 2501.02860.
 
 Crop invariance and masked modelling both teach a network which features co-occur across the parts of an
@@ -15,17 +15,21 @@ Paper -> code:
   Fig. 1: heads g, q and local heads g2, q2; EMA      COBYOL (target = EMA of trunk, MLP, g, g2), ema_tau
   Fig. 2: RF-ResNets (RF 99 px R50, 29 px R18)        RF_ARCHS, build_trunk, receptive_field
   Fig. 3(a): crop-scale sweep                          --crop-min-scale
+  the family (Table 2): CO-MoCoV3, CO-DINO             --framework mocov3|dino: COMoCoV3 (contrast), CODINO
+                                                       (dino_cross_entropy, Prototypes)
+  robustness claims (noise, masking, attacks)          linear_eval.py --robustness
 
     python co_ssl.py --dataset synthetic --epochs 2 --batch-size 32 --stem imagenet --gpus 0      # CPU smoke
     python co_ssl.py --dataset cifar10 --data DIR --download                                      # 1 GPU
     python co_ssl.py --dataset imagenet --data DIR --arch rf_resnet50 --gpus 8                    # 8 GPUs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 co_ssl.py --dataset imagenet --data DIR
     python co_ssl.py --dataset cifar10 --data DIR --baseline          # BYOL, everything else equal
+    python co_ssl.py --dataset cifar10 --data DIR --framework dino    # CO-DINO (mocov3: CO-MoCoV3)
     python co_ssl.py --dataset cifar10 --data DIR --show-views        # views + heat maps of the checkpoint in --out
 Archs: resnet18, resnet34, resnet50 (y = pooled map) or rf_resnet18 (CIFAR stem, layout 4,4,1,0, RF 29 px),
 rf_resnet50 (ImageNet stem, layout 2,2,2,0, RF 99 px), whose y = MLP(pooled map).
 """
-import copy, math, os, random, warnings
+import copy, math, os, random, sys, warnings
 
 import numpy as np
 import torch
@@ -192,6 +196,152 @@ class COBYOL(common.Model):
         return 1 - local_distance(P1, t2) / 2, 1 - local_distance(P2, t1) / 2
 
 
+# ================================================================ the family: CO-MoCoV3 and CO-DINO
+
+def contrast(q, k, temperature):
+    """MoCo v3's ctr(q, k): InfoNCE of each query (B x D, or B x D x h x w: every position a query of its image)
+    against the keys of the whole global batch (positive: the same image), times 2 tau; mean over queries. The keys
+    (B x D, this rank's) are gathered without gradient (they come from the momentum encoder)."""
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(common.gather_no_grad(k.detach().float()), dim=1)
+    images = torch.arange(len(q), device=q.device) + len(q) * common.get_rank()       # the positives' rows
+    if q.dim() == 4:                                                                    # local queries
+        B, D, h, w = q.shape
+        q, images = q.permute(0, 2, 3, 1).reshape(B * h * w, D), images.repeat_interleave(h * w)
+    return F.cross_entropy(q @ k.T / temperature, images) * 2 * temperature
+
+
+def dino_cross_entropy(student, teacher, center, student_temp, teacher_temp):
+    """DINO Eq. 1 (H(P_t, P_s)): -sum_K softmax((t - c) / tau_t) log softmax(s / tau_s); mean over the rows.
+    student: B x K, or B x K x h x w (every position against its image's teacher row t, B x K)."""
+    p_t = F.softmax((teacher.detach().float() - center) / teacher_temp, dim=1)
+    log_p_s = F.log_softmax(student.float() / student_temp, dim=1)
+    if student.dim() == 4:
+        p_t = p_t[:, :, None, None]
+    return -(p_t * log_p_s).sum(1).mean()
+
+
+class Prototypes(nn.Module):
+    """DINO's last layer with its norm fixed to 1 (norm_last_layer): the cosines of a unit code with K unit prototypes.
+    Works on B x D codes and on B x D x h x w maps (every position)."""
+
+    def __init__(self, dim, k):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(k, dim) * 0.02)
+
+    def forward(self, z):
+        w = F.normalize(self.weight, dim=1)
+        if z.dim() == 4:
+            return torch.einsum("bdhw,kd->bkhw", F.normalize(z, dim=1), w)
+        return F.normalize(z, dim=1) @ w.T
+
+
+class COMoCoV3(COBYOL):
+    """CO-MoCoV3 (spec: later extensions): MoCo v3 with a ResNet (query: trunk, 3-layer projector g, predictor q;
+    key: momentum trunk and g), ctr in both directions, plus every position's query (1x1-conv g2, q2) contrasted with
+    the other view's momentum global keys. local_weight 0 is MoCo v3. The local heads have no momentum copy."""
+
+    def __init__(self, trunk, pred_hidden, local_weight=0.3, temperature=0.2, local_grid=0, tau_base=0.99,
+                 proj_hidden=4096, dim=256):
+        super().__init__(trunk, pred_hidden, local_weight, "global", local_grid, False, tau_base, proj_hidden, dim)
+        self.temperature = temperature
+        C = trunk.out_dim   # MoCo v3's ResNet projector: 3 layers, BN after each, the last one without affine
+        self.online.projector = common.mlp([C, proj_hidden, proj_hidden, dim], last_bn=True, last_affine=False)
+        self.target = copy.deepcopy(nn.ModuleDict({"trunk": self.online.trunk, "projector": self.online.projector}))
+        self.target.requires_grad_(False)
+
+    @torch.no_grad()
+    def targets(self, x):
+        """The momentum key k [B,256] (used as both targets of passes())."""
+        k = self.target.projector(self.target.trunk(x))
+        return k, k
+
+    def after_step(self):
+        tau = ema_tau(self.progress, self.tau_base)
+        common.ema_update(self.target.trunk, self.online.trunk, tau)
+        common.ema_update(self.target.projector, self.online.projector, tau)
+
+    def forward(self, views, batch=None):
+        (q1, Q1, k1, _), (q2, Q2, k2, _) = self.passes(views)
+        loss_global = contrast(q1, k2, self.temperature) + contrast(q2, k1, self.temperature)
+        if self.local_weight == 0:
+            return loss_global, {"loss_global": loss_global.detach()}
+        loss_local = contrast(Q1, k2, self.temperature) + contrast(Q2, k1, self.temperature)
+        return co_ssl_loss(loss_global, loss_local, self.local_weight), {"loss_global": loss_global.detach(),
+                                                                         "loss_local": loss_local.detach()}
+
+
+class CODINO(common.Model):
+    """CO-DINO (spec: later extensions): DINO with a ResNet and two views (student: trunk, head g (MLP to a 256-d
+    code), prototypes; teacher: their EMA), plus a 1x1-conv local student head g2 whose code at every position goes
+    through the same prototypes and is trained towards the teacher's centred, sharpened global distribution of the
+    other view. The centre follows the teacher's global outputs only. local_weight 0 is DINO."""
+    sync_bn = True
+
+    def __init__(self, trunk, local_weight=0.3, local_grid=0, tau_base=0.99, prototypes=4096, student_temp=0.1,
+                 teacher_temp=0.04, center_momentum=0.9, hidden=2048, dim=256):
+        super().__init__()
+        C = trunk.out_dim
+        self.local_weight, self.local_grid, self.tau_base, self.progress = local_weight, local_grid, tau_base, 0.0
+        self.student_temp, self.teacher_temp, self.center_momentum = student_temp, teacher_temp, center_momentum
+        online = {"trunk": trunk, "head": common.mlp([C, hidden, hidden, dim]), "prototypes": Prototypes(dim,
+                                                                                                            prototypes)}
+        self.online = nn.ModuleDict(online)
+        self.local_head = conv_mlp([C, hidden, hidden, dim]) if local_weight > 0 else None          # g2 (student only)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)                             # the teacher
+        self.register_buffer("center", torch.zeros(prototypes))
+
+    @property
+    def backbone(self):
+        return self.online.trunk
+
+    def student(self, x):
+        """-> global logits [B,K], local logits [B,K,n,n] (None without local heads)."""
+        fmap = common.feature_map(self.online.trunk, x)
+        s = self.online.prototypes(self.online.head(self.online.trunk.fc(fmap.mean((2, 3)))))
+        if self.local_head is None:
+            return s, None
+        grid = F.adaptive_avg_pool2d(fmap, self.local_grid) if self.local_grid else fmap
+        return s, self.online.prototypes(self.local_head(grid))
+
+    @torch.no_grad()
+    def teacher(self, x):
+        return self.target.prototypes(self.target.head(self.target.trunk(x)))
+
+    def forward(self, views, batch=None):
+        (s1, S1), (s2, S2) = self.student(views[0]), self.student(views[1])
+        t1, t2 = self.teacher(views[0]), self.teacher(views[1])
+        H = lambda s, t: dino_cross_entropy(s, t, self.center, self.student_temp, self.teacher_temp)
+        loss_global = (H(s1, t2) + H(s2, t1)) / 2
+        self.update_center(torch.cat([t1, t2]))
+        if self.local_head is None:
+            return loss_global, {"loss_global": loss_global.detach()}
+        loss_local = (H(S1, t2) + H(S2, t1)) / 2
+        return co_ssl_loss(loss_global, loss_local, self.local_weight), {"loss_global": loss_global.detach(),
+                                                                         "loss_local": loss_local.detach()}
+
+    @torch.no_grad()
+    def update_center(self, teacher):
+        """c <- m c + (1 - m) mean of the teacher's global outputs over the global batch (DINO's update_center)."""
+        mean = teacher.float().mean(0)
+        if common.get_world() > 1:
+            torch.distributed.all_reduce(mean)
+            mean /= common.get_world()
+        self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
+
+    def after_step(self):
+        common.ema_update(self.target, self.online, ema_tau(self.progress, self.tau_base))
+
+    @torch.no_grad()
+    def heat_maps(self, views):
+        """Per position, the cosine between the student's local logits and the other view's centred teacher logits
+        (1 where the position's prototype profile matches the teacher's global one); call in eval mode."""
+        (_, S1), (_, S2) = self.student(views[0]), self.student(views[1])
+        t1, t2 = self.teacher(views[0]) - self.center, self.teacher(views[1]) - self.center
+        cos = lambda S, t: F.cosine_similarity(S.float(), t.float()[:, :, None, None], dim=1)
+        return cos(S1, t2), cos(S2, t1)
+
+
 class Monitor(common.State):
     """Epoch logs beyond fit's: the EMA tau and, for RF archs, kNN on the pooled map F
     (backbone kNN is on y = MLP(F))."""
@@ -242,8 +392,14 @@ DEFAULTS = {
 def parse(argv=None):
     p = common.base_parser(__doc__)
     a = p.add_argument
-    a("--framework", default="byol", choices=["byol", "mocov3", "dino"], help="base framework: byol (CO-BYOL); "
-      "mocov3 (CO-MoCoV3) and dino (CO-DINO) are planned, not implemented yet")
+    argv = sys.argv[1:] if argv is None else argv
+    a("--framework", default="byol", choices=["byol", "mocov3", "dino"], help="base framework: byol (CO-BYOL, the "
+      "paper's), mocov3 (CO-MoCoV3) or dino (CO-DINO)")
+    a("--temperature", type=float, default=0.2, help="mocov3: InfoNCE temperature (0.2; the loss is scaled by 2 tau)")
+    a("--prototypes", type=int, default=4096, help="dino: number of prototypes K (4096; DINO on ImageNet: 65536)")
+    a("--student-temp", type=float, default=0.1, help="dino: student temperature (0.1)")
+    a("--teacher-temp", type=float, default=0.04, help="dino: teacher temperature (0.04)")
+    a("--center-momentum", type=float, default=0.9, help="dino: momentum of the teacher's centre (0.9)")
     a("--local-weight", type=float, default=0.3, help="w_s in L = (1 - w_s) L_global + w_s L_local: 0.3 (paper: "
       "0.2-0.5 work); 0 is BYOL")
     a("--local-target", default="local", choices=["local", "global"], help="target of the local predictions: local = "
@@ -259,7 +415,8 @@ def parse(argv=None):
     a("--no-rf-mlp", action="store_true", help="rf archs: no MLP after pooling (y = pooled map)")
     a("--shared-head", action="store_true", help="ablation: apply g, q at every position (no g2, q2; target z')")
     a("--ckpt", default=None, help="--show-views: checkpoint.pth for the heat maps (default: the one in --out)")
-    args = common.parse(p, DEFAULTS, "co_ssl", argv)
+    fw = p.parse_known_args(argv)[0].framework
+    args = common.parse(p, DEFAULTS, "co_ssl" if fw == "byol" else f"co_ssl-{fw}", argv)  # its own runs/ folder
     if args.arch not in common.ARCHS + list(RF_ARCHS):
         common.fail(f"unknown --arch '{args.arch}'; choose one of {', '.join(common.ARCHS + list(RF_ARCHS))}")
     if args.arch in RF_ARCHS:
@@ -278,9 +435,6 @@ def parse(argv=None):
 
 
 def build(args, data):
-    if args.framework != "byol":
-        raise common.UserError(f"--framework {args.framework} is not implemented yet (only CO-BYOL is); "
-                               "use --framework byol")
     if args.batch_size // (common.get_world() * args.bn_splits) < 2:
         raise common.UserError("the target's g2_xi normalises B pooled vectors: give every process (or BN split) "
                                "at least 2 images via --batch-size")
@@ -292,8 +446,17 @@ def build(args, data):
                   f"receptive field {rf} px at stride {stride}; {grid}x{grid} local representations of {size} px views")
     if grid == 1 and args.local_weight > 0:
         common.print0("note: a 1x1 grid makes the local term see the whole view; use the CIFAR stem on small images")
-    model = COBYOL(trunk, args.pred_hidden, args.local_weight, args.local_target, args.local_grid, args.shared_head,
-                   args.tau_base)
+    if args.framework != "byol" and (args.shared_head or args.local_target != "local"):
+        raise common.UserError("--shared-head and --local-target are CO-BYOL ablations; drop them with "
+                               f"--framework {args.framework}")
+    if args.framework == "mocov3":
+        model = COMoCoV3(trunk, args.pred_hidden, args.local_weight, args.temperature, args.local_grid, args.tau_base)
+    elif args.framework == "dino":
+        model = CODINO(trunk, args.local_weight, args.local_grid, args.tau_base, args.prototypes, args.student_temp,
+                       args.teacher_temp, args.center_momentum)
+    else:
+        model = COBYOL(trunk, args.pred_hidden, args.local_weight, args.local_target, args.local_grid,
+                       args.shared_head, args.tau_base)
     views = common.two_views((args.crop_min_scale, 1.0))   # two independent RandomResizedCrops, flip 0.5
     recipes = list(common.byol_recipes(blur=common.blurs("co_ssl", size)))  # blur 1.0/0.1, solarize 0/0.2
     return common.Setup(model, common.Views(views, [size, size], recipes), Monitor(model, args, data, size))

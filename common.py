@@ -2189,7 +2189,8 @@ FLAG_RANGES = {
     "ll_weight": "[0, inf)", "aff_hidden": "[1, inf)", "aff_lr": "(0, inf)", "aff_momentum": "[0, 1)",
     "aff_wd": "[0, inf)", "aff_noise": "[0, inf)",
     # co_ssl.py
-    "local_weight": "[0, 1]", "local_grid": "[0, inf)", "pred_hidden": "[1, inf)",
+    "local_weight": "[0, 1]", "local_grid": "[0, inf)", "pred_hidden": "[1, inf)", "prototypes": "[2, inf)",
+    "student_temp": "(0, inf)", "teacher_temp": "(0, inf)", "center_momentum": "[0, 1)",
     # contrastive_crop.py: Beta(alpha, alpha), heatmap threshold, fractions of --epochs
     "alpha": "(0, inf)", "box_thresh": "[0, 1)", "loc_warmup": "[0, 1]", "loc_interval": "[0, 1]",
     # clim.py

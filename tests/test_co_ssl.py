@@ -370,5 +370,81 @@ def test_show_views_without_checkpoint(tiny, tmp_path):
     info = co_ssl.show_views(args, data, setup, str(tmp_path / "views.png"))
     assert info == {"checkpoint": None, "mean_local_cos": None}
     assert mpimg.imread(str(tmp_path / "views.png")).shape == (1240, 1000, 4)
-    with pytest.raises(common.UserError, match="not implemented yet"):
-        co_ssl.build(SimpleNamespace(**{**vars(args), "framework": "dino"}), data)
+    with pytest.raises(common.UserError, match="--shared-head and --local-target are CO-BYOL ablations"):
+        co_ssl.build(SimpleNamespace(**{**vars(args), "framework": "dino", "shared_head": True}), data)
+
+
+# ---------------------------------------------------------------- the family: CO-MoCoV3 and CO-DINO
+
+def test_family_contrast_closed_form_and_local_queries():
+    """Unit queries equal to their keys, tau 0.5: logits [[2, 0], [0, 2]], so each row's InfoNCE is ln(1 + e^-2),
+    times MoCo v3's 2 tau = 1. Every position of a map holding the global query gives the same value."""
+    q = vec([1, 0], [0, 1])
+    assert co_ssl.contrast(q, q, 0.5).item() == approx(math.log(1 + math.exp(-2)), rel=1e-6)
+    assert co_ssl.contrast(3 * q, q, 0.5).item() == approx(math.log(1 + math.exp(-2)), rel=1e-6)  # normalised
+    Q = q[:, :, None, None].expand(2, 2, 3, 3)
+    assert co_ssl.contrast(Q, q, 0.5).item() == approx(co_ssl.contrast(q, q, 0.5).item(), rel=1e-6)
+    swapped = co_ssl.contrast(q, q.flip(0), 0.5).item()                     # the positive is the other key
+    assert swapped == approx(math.log(1 + math.exp(2)), rel=1e-6)
+
+
+def test_family_dino_cross_entropy_centres_and_sharpens():
+    """K = 2, student [1, 0] at tau_s 1: log softmax = [1 - L, -L] with L = ln(1 + e). A teacher [2, 0] centred by
+    [1, -1] is [1, 1]: uniform whatever tau_t, so H = L - 1/2. Uncentred and sharp (tau_t 0.01) it is one-hot on
+    prototype 0: H = L - 1."""
+    L = math.log(1 + math.e)
+    s, t = vec([1, 0]), vec([2, 0])
+    assert co_ssl.dino_cross_entropy(s, t, vec([1, -1]), 1.0, 0.04).item() == approx(L - 0.5, rel=1e-6)
+    assert co_ssl.dino_cross_entropy(s, t, torch.zeros(2), 1.0, 0.01).item() == approx(L - 1, rel=1e-5)
+    S = s[:, :, None, None].expand(1, 2, 2, 2)                               # every position: the same value
+    assert co_ssl.dino_cross_entropy(S, t, vec([1, -1]), 1.0, 0.04).item() == approx(L - 0.5, rel=1e-6)
+
+
+def family_model(fw, local_weight=0.3):
+    torch.manual_seed(0)
+    trunk = co_ssl.build_trunk("resnet18", "imagenet")
+    if fw == "mocov3":
+        return co_ssl.COMoCoV3(trunk, pred_hidden=64, local_weight=local_weight, proj_hidden=64, dim=32)
+    return co_ssl.CODINO(trunk, local_weight=local_weight, prototypes=16, hidden=64, dim=32)
+
+
+@pytest.mark.parametrize("fw", ["mocov3", "dino"])
+def test_family_loss_is_the_weighted_sum_and_local_weight_0_is_the_base(fw):
+    views = two_views()
+    model = family_model(fw)
+    loss, logs = model(views)
+    assert loss.item() == approx(0.7 * logs["loss_global"].item() + 0.3 * logs["loss_local"].item(), rel=1e-5)
+    base = family_model(fw, local_weight=0)
+    loss0, logs0 = base(views)
+    assert "loss_local" not in logs0 and loss0.item() == approx(logs0["loss_global"].item())
+    assert not [n for n, _ in base.named_parameters() if "local" in n]
+    loss.backward()                                       # the local heads learn; the target never gets gradients
+    local = [p for n, p in model.named_parameters() if "local" in n]
+    assert local and all(p.grad is not None for p in local)
+    assert all(p.grad is None for p in model.target.parameters())
+
+
+def test_family_dino_centre_follows_the_teacher_and_is_checkpointed():
+    model = family_model("dino")
+    views = two_views()
+    with torch.no_grad():
+        t = torch.cat([model.teacher(v) for v in views])
+    model(views)
+    torch.testing.assert_close(model.center, 0.1 * t.mean(0))                # from 0 with momentum 0.9
+    assert "center" in model.state_dict()
+
+
+@pytest.mark.parametrize("fw", ["mocov3", "dino"])
+def test_family_cli_resume_two_processes_and_show_views(fw, tmp_path):
+    args = [*RF_RUN, "--framework", fw]
+    full = run_cli("co_ssl.py", *args, "--out", tmp_path / "full")
+    assert full.rc == 0 and (full.json["method"], full.json["framework"]) == (f"co_ssl-{fw}", fw), full.err[-3000:]
+    prev, one, two = last_step_both_ways("co_ssl.py", without(args, "--bn-splits"), 2, tmp_path / "ddp")
+    assert_same_update(prev, one, two)
+    a, b = one, torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # one = 1 step, resumed for the 2nd
+    r = run_cli("co_ssl.py", *args, "--out", tmp_path / "full", "--show-views")
+    assert r.rc == 0 and all(-1 <= m <= 1 for m in r.json["mean_local_cos"]), r.err[-3000:]
+    base = run_cli("co_ssl.py", *TINY, "--subset", "32", "--epochs", "1", "--framework", fw, "--baseline",
+                   "--out", tmp_path / "b")
+    assert base.rc == 0 and base.json["method"] == f"co_ssl-{fw}-baseline", base.err[-3000:]
