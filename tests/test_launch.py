@@ -16,13 +16,13 @@ from PIL import Image
 import common
 from conftest import ROOT, load_model, run_cli
 
-ENTRY_POINTS = {  # script -> flags of a one-step run (small, valid for each method)
-    "common.py": ["--framework", "mocov2", "--queue-size", "16"],
-    "logo.py": ["--framework", "mocov2", "--moco-k", "16"],
+ENTRY_POINTS = {  # script -> flags of a one-step run (small, valid for each method; queues below 16 - 4 images)
+    "common.py": ["--framework", "mocov2", "--queue-size", "8"],
+    "logo.py": ["--framework", "mocov2", "--moco-k", "8"],
     "co_ssl.py": [],
-    "contrastive_crop.py": ["--queue-size", "16"],
-    "leoclr.py": ["--queue-size", "16"],
-    "clim.py": ["--queue-size", "16", "--clusters", "2"],
+    "contrastive_crop.py": ["--queue-size", "8"],
+    "leoclr.py": ["--queue-size", "8"],
+    "clim.py": ["--queue-size", "8", "--clusters", "2"],
 }
 RUN = ["--dataset", "folder", "--arch", "resnet18", "--stem", "imagenet", "--batch-size", "4", "--epochs", "1",
        "--max-steps", "1", "--knn-every", "0", "--log-every", "1", "--workers", "2", "--seed", "0"]
