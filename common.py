@@ -2198,6 +2198,7 @@ FLAG_RANGES = {
     "pca_dim": "[1, inf)", "mix_prob": "[0, 1]", "mix_alpha": "(0, inf)", "resolutions": "[8, inf)",
     # linear_eval.py
     "finetune_epochs": "[1, inf)", "finetune_lr": "(0, inf)", "size": "[1, inf)", "robust_images": "[0, inf)",
+    "knn_k": "[1, inf)",
 }
 
 
@@ -2289,7 +2290,8 @@ def resolve_folder(args, source):
     like, n = folder_like(source), len(source)
     for k, v in rows[like].items():
         setattr(args, k, v)
-    args.queue_cap = max(args.batch_size, (n - args.batch_size) // args.batch_size * args.batch_size)
+    step = 2 * args.batch_size  # a multiple of every method's keys per step (LeOCLR enqueues two views' keys)
+    args.queue_cap = max(step, (n - args.batch_size) // step * step)
     for k in QUEUE_FLAGS:
         q, cap = getattr(args, k, None), n - args.batch_size
         if q is None or q <= cap:
@@ -2302,8 +2304,8 @@ def resolve_folder(args, source):
 
 
 def capped_queue(args, default):
-    """A framework's default queue length, within a folder's cap (resolve_folder): the largest multiple of the batch
-    that leaves one batch of images out of the queue."""
+    """A framework's default queue length, within a folder's cap (resolve_folder): the largest multiple of twice the
+    batch that leaves one batch of images out of the queue (twice the batch when the folder is smaller than that)."""
     return min(default, getattr(args, "queue_cap", None) or default)
 
 

@@ -73,6 +73,7 @@ def parse(argv=None):
     a("--batch-size", type=int, default=None,
       help="global batch: probe 256 (paper: 512 small datasets, 256 ImageNet); --finetune 256 (or the subset)")
     a("--knn-only", action="store_true", help="only the kNN classifier (seconds)")
+    a("--knn-k", type=int, nargs="+", default=[20], help="kNN neighbours (20); more values add knn_top1_k<K> keys")
     a("--precompute", action="store_true", help="cache features of un-augmented images once; no augmentation")
     a("--finetune", action="store_true", help="fine-tune backbone + linear head on --labels, instead of the probe")
     a("--labels", default=None,
@@ -356,8 +357,10 @@ def evaluate(net, data, args, size):
     y_tr = tr.labels[rows].to(dev)
     te_f = common.extract_features(net, te, size, data.mean, data.std, dev, workers=args.workers, dtype=torch.float16)
     C = int(max(tr.labels.max(), te.labels.max())) + 1
-    knn1, knn5 = common.topk_accuracy(common.knn_classify(tr_f, y_tr, te_f, C), te.labels)
-    res = {"knn_top1": knn1, "knn_top5": knn5}
+    res = {}
+    for j, k in enumerate(args.knn_k):
+        knn1, knn5 = common.topk_accuracy(common.knn_classify(tr_f, y_tr, te_f, C, k), te.labels)
+        res.update({"knn_top1": knn1, "knn_top5": knn5} if j == 0 else {f"knn_top1_k{k}": knn1})
     if args.knn_only or args.finetune:
         return res
 

@@ -14,9 +14,16 @@ With --data-path it instead times one worker core decoding and cropping each met
     python tests/benchmark.py --dataset folder --data DIR --methods logo --batch-size 128           # ImageNet-size
     python tests/benchmark.py --data-path                     # samples/s per worker core on 200 generated 500x375 JPEGs
     python tests/benchmark.py --data-path --data DIR --methods mocov2   # ... on an ImageFolder of your JPEGs
+    python tests/benchmark.py --results --epochs 30          # the results table: every arm trained and evaluated
+With --results it trains, each through its public command line and in its own folder under --out, a random-init
+backbone, the four base frameworks, and every method with its --baseline on an ImageFolder (default
+../shared/data/cifar10-mini: ResNet-18, ImageNet stem, batch 256, E epochs, the rest each script's defaults), then
+judges every arm alike with linear_eval.py (kNN k=20 and k=200 on the folder's val split, and the linear probe on
+precomputed features), and writes results.md and assets/results.png. Killed halfway, it continues where it stopped:
+a finished arm is skipped, a half-trained one resumes from its checkpoint.
 Every method file exposes parse(argv) -> args and build(args, data) -> common.Setup; that is all this uses.
 """
-import argparse, importlib, os, sys, tempfile, time
+import argparse, importlib, json, os, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
@@ -186,6 +193,122 @@ def data_path_table(methods, a):
         print(f"| {r['method']} | {r['views']} | {r['pil']:.0f} | {r['torch']:.0f} | {r['torch'] / r['pil']:.2f} |")
 
 
+# ---- --results: every arm trained and judged alike (a script; each arm is its own process through the CLI)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_FLAGS = ["--arch", "resnet18", "--stem", "imagenet", "--batch-size", "256"]
+
+
+def result_arms(methods=METHODS):
+    """(name, script, flags) of every arm: random init, the four frameworks, each method and its --baseline."""
+    arms = [("random-init", None, [])]
+    arms += [(fw, "common.py", ["--framework", fw]) for fw in FRAMEWORKS]
+    for m in methods:
+        arms += [(m, f"{m}.py", []), (f"{m}-baseline", f"{m}.py", ["--baseline"])]
+    return arms
+
+
+def run_json(cmd, log):
+    """Run a command (stdout and stderr appended to log); -> the JSON of its last stdout line."""
+    with open(log, "a") as f:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=ROOT)
+        f.write(p.stdout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {p.returncode}); see {log}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run_arm(arm, a, run=run_json):
+    """Train (or resume) and evaluate one arm; its result.json marks it done, so a rerun skips it."""
+    name, script, flags = arm
+    out = os.path.join(a.out, name)
+    done = os.path.join(out, "result.json")
+    if os.path.exists(done):
+        return json.load(open(done))
+    os.makedirs(out, exist_ok=True)
+    log, data = os.path.join(out, "output.log"), ["--dataset", "folder", "--data", a.data]
+    t = time.time()
+    if script is None:  # the random-init backbone every method starts from
+        torch.manual_seed(a.seed)
+        net = common.build_backbone(RESULT_FLAGS[1], RESULT_FLAGS[3])
+        common.export_backbone(net, os.path.join(out, "backbone.pth"), method="random-init", epoch=0)
+        train = {"images_per_s": None}
+    else:
+        train = run([sys.executable, os.path.join(ROOT, script), *data, *RESULT_FLAGS, "--epochs", str(a.epochs),
+                     "--seed", str(a.seed), *flags, *a.extra, "--out", out, "--gpus", str(a.gpus)], log)
+    wall = time.time() - t + (json.load(open(done + ".partial"))["wall_s"] if os.path.exists(done + ".partial")
+                              else 0.0)
+    json.dump({"wall_s": wall}, open(done + ".partial", "w"))  # training time survives a kill during evaluation
+    ev = run([sys.executable, os.path.join(ROOT, "linear_eval.py"), out, *data, "--precompute", "--knn-k", "20",
+              "200", "--gpus", str(a.gpus), "--out", out], log)["runs"][out]
+    result = {"arm": name, "command": " ".join([script or "random-init", *flags]), "images_per_s":
+              train.get("images_per_s"), "wall_s": round(wall, 1), "knn20": ev["knn_top1"],
+              "knn200": ev["knn_top1_k200"], "linear": ev["linear_top1"]}
+    json.dump(result, open(done, "w"))
+    os.remove(done + ".partial")
+    return result
+
+
+def results_table(rows):
+    """Markdown: one row per arm; the gain over random init and, for a method, over its own --baseline."""
+    base = {r["arm"]: r for r in rows}
+    rand = base.get("random-init", {}).get("knn20")
+    lines = ["| arm | img/s | training time | kNN k=20 | kNN k=200 | linear | kNN k=20 vs random init | vs its baseline |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, sign="": "-" if v is None else f"{v:{sign}.1f}"
+    for r in rows:
+        ref = base.get(f"{r['arm']}-baseline")
+        vs_rand = None if rand is None or r["arm"] == "random-init" else r["knn20"] - rand
+        vs_base = None if ref is None else r["knn20"] - ref["knn20"]
+        lines.append(f"| {r['arm']} | {fmt(r['images_per_s'])} | {common.fmt_time(r['wall_s'])} | {fmt(r['knn20'])} | "
+                     f"{fmt(r['knn200'])} | {fmt(r['linear'])} | {fmt(vs_rand, '+')} | {fmt(vs_base, '+')} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_plot(rows, path):
+    """One bar per arm (kNN k=20), the random-init level as a line, each method's baseline as a tick on its bar."""
+    plt = common._plt()
+    base = {r["arm"]: r for r in rows}
+    arms = [r for r in rows if r["arm"] != "random-init"]
+    fig, ax = plt.subplots(figsize=(0.55 * len(arms) + 2, 3.2))
+    ax.bar(range(len(arms)), [r["knn20"] for r in arms], color=["#999" if r["arm"].endswith("-baseline") else "#36c"
+                                                                for r in arms])
+    for i, r in enumerate(arms):
+        ref = base.get(f"{r['arm']}-baseline")
+        if ref is not None:
+            ax.plot([i - 0.4, i + 0.4], [ref["knn20"]] * 2, color="k", lw=1.5)
+    if "random-init" in base:
+        ax.axhline(base["random-init"]["knn20"], color="r", ls="--", lw=1, label="random init")
+        ax.legend(fontsize=7, loc="lower left")
+    ax.set_xticks(range(len(arms)), [r["arm"] for r in arms], rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="kNN top-1 (%), k=20", title="grey: --baseline arms; black tick: a method's own baseline")
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def results(a):
+    a.data = a.data or os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-mini")
+    a.out = a.out or os.path.join(ROOT, "runs", "results")
+    arms = [arm for arm in result_arms() if a.methods is None or arm[0] in a.methods]
+    rows = []
+    for arm in arms:
+        print(f"{arm[0]}: training {a.epochs} epochs and evaluating, output in {os.path.join(a.out, arm[0])}",
+              flush=True)
+        try:
+            rows.append(run_arm(arm, a))
+        except RuntimeError as e:  # one failing arm should not hide the others' numbers
+            print(f"{arm[0]}: {e}", flush=True)
+            continue
+        print(f"{arm[0]}: kNN k=20 {rows[-1]['knn20']:.2f}, linear {rows[-1]['linear']:.2f}", flush=True)
+    table = results_table(rows)
+    open(os.path.join(a.out, "results.md"), "w").write(table)
+    results_plot(rows, a.plot)
+    print(table + f"\nwrote {os.path.join(a.out, 'results.md')} and {a.plot}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=None,
@@ -205,7 +328,16 @@ def main():
     p.add_argument("--data-path", action="store_true", help="instead: samples/s per worker core of each method's "
                    "views decoded and cropped from JPEG files, PIL against decode_jpeg + tensor crops")
     p.add_argument("--items", type=int, default=400, help="--data-path: samples timed per path and method")
+    p.add_argument("--results", action="store_true", help="instead: train and judge every arm (results table)")
+    p.add_argument("--epochs", type=int, default=30, help="--results: training epochs of every arm")
+    p.add_argument("--out", default=None, help="--results: the arms' folders (default runs/results)")
+    p.add_argument("--plot", default=os.path.join(ROOT, "assets", "results.png"), help="--results: the bar chart")
+    p.add_argument("--seed", type=int, default=0, help="--results: the seed of every arm")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="--results: flags passed to every training command (last)")
     a = p.parse_args()
+    if a.results:
+        return results(a)
     device = torch.device("cuda" if torch.cuda.is_available() and a.gpus > 0 else "cpu")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     methods = a.methods or FRAMEWORKS + [m for m in METHODS if os.path.exists(os.path.join(here, f"{m}.py"))]

@@ -506,12 +506,12 @@ def resolved(script, root, *flags):
 
 def test_small_folder_takes_the_cifar_row_and_a_queue_below_its_size(tmp_path, capsys):
     """The issue's case: logo.py on a folder of 32 px images got the ImageNet-100 row (ResNet-34, 65,536 keys)."""
-    root = folder_of(tmp_path, [32] * 1200)
+    root = folder_of(tmp_path, [32] * 2000)
     args, data = resolved("logo", root)
     cifar = importlib.import_module("logo").parse(["--dataset", "cifar10"])
     assert data.train.in_memory and common.view_size(args, data) == 32
     assert (args.arch, args.stem, args.epochs, args.lr) == (cifar.arch, "cifar", cifar.epochs, cifar.lr)
-    assert args.moco_k == 512 and args.batch_size == 512  # 1,200 images - one batch, a multiple of the batch
+    assert args.moco_k == 1024 and args.batch_size == 512  # 2,000 images - one batch, a multiple of 2 batches
     assert "cifar10's row" in capsys.readouterr().out
     args, _ = resolved("logo", root, "--arch", "resnet50", "--epochs", "3")  # what is given stays
     assert (args.arch, args.epochs) == ("resnet50", 3)
@@ -523,7 +523,7 @@ def test_common_mocov2_default_queue_is_capped_on_a_small_folder(tmp_path):
     data = common.load_data(args)
     common.resolve_data(args, data)
     model = common.build_base(args, data).model
-    assert len(model.queue.queue) == 192  # 300 images - one batch of 64, rounded down to a multiple of 64
+    assert len(model.queue.queue) == 128  # 300 images - one batch of 64, rounded down to a multiple of 2 x 64
 
 
 def test_user_queue_larger_than_the_folder_is_an_error(tmp_path):
