@@ -209,13 +209,19 @@ def result_arms(methods=METHODS):
 
 
 def run_json(cmd, log):
-    """Run a command (stdout and stderr appended to log); -> the JSON of its last stdout line."""
+    """Run a command, its output appended to log as it comes (progress can be followed there); -> the JSON of its
+    last stdout line."""
+    last = ""
     with open(log, "a") as f:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=ROOT)
-        f.write(p.stdout)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        for line in p.stdout:
+            f.write(line)
+            f.flush()
+            last = line if line.startswith("{") else last
+        p.wait()
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {p.returncode}); see {log}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return json.loads(last)
 
 
 def run_arm(arm, a, run=run_json):
