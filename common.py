@@ -23,8 +23,8 @@ Run as a script it pretrains one of the four base frameworks (SimCLR, MoCo-v2, B
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 common.py --framework mocov2 \\
         --dataset imagenet --data DIR
 """
-import argparse, contextlib, copy, datetime, errno, functools, gc, json, math, os, random, socket, sys, time
-import traceback, warnings
+import argparse, contextlib, copy, datetime, errno, faulthandler, functools, gc, json, math, os, random, signal, socket
+import sys, time, traceback, warnings
 from collections import namedtuple
 from types import SimpleNamespace
 
@@ -118,6 +118,8 @@ def _worker(local_rank, fn, args, port):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                           WORLD_SIZE=str(args.gpus), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(args.gpus))
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if hasattr(signal, "SIGUSR1"):  # a run that seems stuck: `kill -USR1 PID` prints where it is (its forked
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # DataLoader workers inherit this)
     cuda = use_cuda(args)
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -128,6 +130,8 @@ def _worker(local_rank, fn, args, port):
         if world > 1:
             _init_process_group(cuda, local_rank)
         fn(args)
+        if world > 1:
+            dist.barrier()  # all done before any process tears its connections down (gloo aborts a peer mid-read)
     except BaseException as e:
         _stop_workers()
         code = _report(e, world)
@@ -347,6 +351,16 @@ def _open_rgb(path):
     return im
 
 
+def _header_size(path):
+    """(w, h) from the file's header alone, or None: a probe neither decodes nor judges the image data (a broken file is
+    named by whichever process reads it, with its rank)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
+
+
 def _read_rgb(path):
     """uint8 3 x H x W, channels-last in memory. JPEGs by torchvision's libjpeg-turbo decoder: the same pixels as PIL's,
     as a tensor for cut_view's crops (~4x faster than PIL's resize); other files, and JPEGs it rejects, by PIL."""
@@ -422,7 +436,7 @@ def _maybe_in_memory(src, max_side=96):
     first always, all of them for an in-memory candidate) is checked for size (_open_rgb); file data is checked again
     as it is read."""
     first = _open_rgb(src.files[0])
-    probe = [_open_rgb(src.files[i]).size for i in range(0, len(src), max(1, len(src) // 16))]  # not the first alone
+    probe = [s for s in map(_header_size, src.files[::max(1, len(src) // 16)]) if s]  # not the first alone
     src.side_hint = sorted(min(size) for size in probe)[len(probe) // 2]  # the median shorter side (folder_like)
     if max(first.size) > max_side or len(src) > 300_000 or any(size != first.size for size in probe):
         return src

@@ -259,8 +259,9 @@ def results_table(rows):
     """Markdown: one row per arm; the gain over random init and, for a method, over its own --baseline."""
     base = {r["arm"]: r for r in rows}
     rand = base.get("random-init", {}).get("knn20")
-    lines = ["| arm | img/s | training time | kNN k=20 | kNN k=200 | linear | kNN k=20 vs random init | vs its baseline |",
-             "|---|---|---|---|---|---|---|---|"]
+    head = ["arm", "img/s", "training time", "kNN k=20", "kNN k=200", "linear", "kNN k=20 vs random init",
+            "vs its baseline"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, sign="": "-" if v is None else f"{v:{sign}.1f}"
     for r in rows:
         ref = base.get(f"{r['arm']}-baseline")

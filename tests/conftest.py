@@ -1,5 +1,5 @@
 """Shared test helpers: run a script through its real command line, locate the real data, compare states."""
-import json, math, os, shutil, subprocess, sys
+import json, math, os, shutil, signal, subprocess, sys, time
 from collections import namedtuple
 from pathlib import Path
 
@@ -30,13 +30,23 @@ def run_cli(script, *args, nproc=1, timeout=600, threads=None):
         "--master_port", str(free_port()), target, *map(str, args)]
     threads = threads or ("1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                         start_new_session=True)  # its own process group: the launcher, the ranks, their workers
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGUSR1)  # every rank and forked worker prints its Python stacks (common._worker)
+        time.sleep(5)
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+        pytest.fail(f"{' '.join(cmd)} ran past {timeout} s; where each process was:\n{stderr[-20000:]}\n"
+                    f"stdout: {stdout[-3000:]}", pytrace=False)
+    last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     try:
         js = json.loads(last)
     except json.JSONDecodeError:
         js = None
-    return Result(p.returncode, p.stdout, p.stderr, js)
+    return Result(p.returncode, stdout, stderr, js)
 
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")   # per process by design: never compared

@@ -147,6 +147,39 @@ def test_world_size_without_rank_and_port_in_use(tmp_path):
     _one_clear_line(SimpleNamespace(rc=p.returncode, err=p.stderr), f"port {port}", "in use")
 
 
+STUCK = """
+import sys, time
+from types import SimpleNamespace
+import common
+def wait_forever(args):
+    print("ready", flush=True)
+    time.sleep(600)
+common._worker(0, wait_forever, SimpleNamespace(gpus=0, device_type="cpu"), None)
+"""
+
+
+def test_a_stuck_process_says_where_it_is_on_sigusr1(tmp_path):
+    """`kill -USR1 PID` makes a running script print its Python stacks (how run_cli reports a test that hangs)."""
+    import select, signal
+    (tmp_path / "stuck.py").write_text(STUCK)
+    p = subprocess.Popen([sys.executable, str(tmp_path / "stuck.py")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert p.stdout.readline().strip() == b"ready"
+        p.send_signal(signal.SIGUSR1)
+        dump = ""  # a header, then the stack, innermost first; read unbuffered, as it comes, for up to 60 s
+        while "wait_forever" not in dump and select.select([p.stderr], [], [], 60)[0]:
+            chunk = os.read(p.stderr.fileno(), 65536).decode()
+            if not chunk:
+                break  # the process ended
+            dump += chunk
+        assert p.poll() is None, "the signal must not end the process"
+    finally:
+        p.kill()
+        p.communicate()
+    assert any("wait_forever" in l and "stuck.py" in l for l in dump.splitlines()), dump
+
+
 def test_more_gpus_than_present_is_refused_without_device_cpu(tmp_path):
     if torch.cuda.device_count() >= 2:
         pytest.skip("this machine has the GPUs")
