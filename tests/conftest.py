@@ -35,9 +35,12 @@ def run_cli(script, *args, nproc=1, timeout=600, threads=None):
     try:
         stdout, stderr = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGUSR1)  # every rank and forked worker prints its Python stacks (common._worker)
-        time.sleep(5)
-        os.killpg(p.pid, signal.SIGKILL)
+        for sig in (signal.SIGUSR1, signal.SIGKILL):  # SIGUSR1: every rank and forked worker prints its Python
+            try:                                        # stacks (common._worker); then all of them end
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass  # the group ended meanwhile
+            time.sleep(5 if sig == signal.SIGUSR1 else 0)
         stdout, stderr = p.communicate()
         pytest.fail(f"{' '.join(cmd)} ran past {timeout} s; where each process was:\n{stderr[-20000:]}\n"
                     f"stdout: {stdout[-3000:]}", pytrace=False)
