@@ -118,8 +118,9 @@ def _worker(local_rank, fn, args, port):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                           WORLD_SIZE=str(args.gpus), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(args.gpus))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if hasattr(signal, "SIGUSR1"):  # a run that seems stuck: `kill -USR1 PID` prints where it is (its forked
-        faulthandler.register(signal.SIGUSR1, all_threads=True)  # DataLoader workers inherit this)
+    if hasattr(signal, "SIGUSR1"):  # a run that seems stuck: `kill -USR1 PID` prints where it is on the process's
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # stderr (forked DataLoader workers inherit
+            faulthandler.register(signal.SIGUSR1, all_threads=True, file=sys.__stderr__)  # it); none without one
     cuda = use_cuda(args)
     if cuda:
         torch.cuda.set_device(local_rank)
