@@ -1,4 +1,4 @@
-"""Tests of co_ssl.py: the spec's list (specs/co_ssl.md sec. 11, numbered as there) and the CLI contract."""
+"""Tests of co_ssl.py: the method (losses, heads, views, the family, robustness) and the CLI contract."""
 import io, json, math, os, warnings
 from types import SimpleNamespace
 

@@ -1,4 +1,4 @@
-"""Tests of contrastive_crop.py (spec sec. 11): boxes, reassembly, sampler, suppression, schedule, losses, gradients,
+"""Tests of contrastive_crop.py: boxes, reassembly, sampler, suppression, schedule, losses, gradients,
 state, workers, and the CLI end to end (method, baseline, resume, 2 processes, --show-views)."""
 import io, json, math, random
 from argparse import Namespace

@@ -1,4 +1,4 @@
-"""Tests of leoclr.py (spec sec. 11): loss closed forms, views, routing, gradients, EMA, queue, DDP, resume, CLI."""
+"""Tests of leoclr.py: loss closed forms, views, routing, gradients, EMA, queue, DDP, resume, CLI."""
 import json, math, random, textwrap
 
 import matplotlib.image as mpimg

@@ -1,4 +1,4 @@
-"""Tests of logo.py (spec specs/logo.md sec. 11): losses at closed-form points, views, affinity isolation and signs,
+"""Tests of logo.py: losses at closed-form points, views, affinity isolation and signs,
 queue/EMA, resume, the CLI end to end, and 2 processes against 1."""
 import copy, io, json, math, os
 from contextlib import redirect_stdout
