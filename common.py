@@ -2450,7 +2450,10 @@ def build_base(args, data):
     size = view_size(args, data)
     scale = (args.crop_min_scale or MIN_SCALE[args.framework], 1.0)
     imagenet = args.dataset in ("imagenet", "imagenet100") or size >= 160
-    backbone = build_backbone(args.arch, args.stem, zero_init_residual=args.framework == "simsiam")
+    # Residual branches start at zero as in each official code: SimSiam's in every block; BYOL's (haiku's ResNet v1)
+    # only in bottleneck blocks, i.e. ResNet-50's, not ResNet-18's basic blocks.
+    zero = args.framework == "simsiam" or (args.framework == "byol" and args.arch == "resnet50")
+    backbone = build_backbone(args.arch, args.stem, zero_init_residual=zero)
     model = build_framework(args.framework, backbone, imagenet, args)
     if args.framework == "mocov2" and len(model.queue.queue) % args.batch_size:
         raise UserError(f"--queue-size {len(model.queue.queue)} must be a multiple of --batch-size {args.batch_size}")

@@ -81,6 +81,23 @@ def test_small_data_constants_and_the_papers():
     assert not any(isinstance(m, nn.BatchNorm1d) for m in moco.encoder_q.head)  # MoCo-v2's head
 
 
+
+def test_residual_branches_start_at_zero_where_each_official_code_does():
+    """SimSiam's code zero-initialises the last BN scale of every residual block; BYOL's (haiku's ResNet v1) only that
+    of bottleneck blocks, so ResNet-50 starts there and ResNet-18 keeps the standard init (scale 1)."""
+    def last_bn_scales(framework, arch):
+        args = base_args("--framework", framework, "--arch", arch, "--subset", "16", "--gpus", "0")
+        args.device = torch.device("cpu")
+        data = common.load_data(args)
+        common.resolve_data(args, data)
+        net = common.build_base(args, data).model.backbone
+        blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+        return torch.cat([(b.bn3 if hasattr(b, "bn3") else b.bn2).weight.detach() for b in blocks])
+
+    assert torch.count_nonzero(last_bn_scales("byol", "resnet50")) == 0
+    assert bool((last_bn_scales("byol", "resnet18") == 1).all())
+    assert torch.count_nonzero(last_bn_scales("simsiam", "resnet18")) == 0
+
 # ---------------------------------------------------------------- --bn-splits made explicit
 
 @pytest.mark.parametrize("batch,splits,suggest", [(12, 8, "--bn-splits 6"), (8, 8, "--bn-splits 4")])
