@@ -81,7 +81,6 @@ def test_small_data_constants_and_the_papers():
     assert not any(isinstance(m, nn.BatchNorm1d) for m in moco.encoder_q.head)  # MoCo-v2's head
 
 
-
 def test_residual_branches_start_at_zero_where_each_official_code_does():
     """SimSiam's code zero-initialises the last BN scale of every residual block; BYOL's (haiku's ResNet v1) only that
     of bottleneck blocks, so ResNet-50 starts there and ResNet-18 keeps the standard init (scale 1)."""
@@ -97,6 +96,7 @@ def test_residual_branches_start_at_zero_where_each_official_code_does():
     assert torch.count_nonzero(last_bn_scales("byol", "resnet50")) == 0
     assert bool((last_bn_scales("byol", "resnet18") == 1).all())
     assert torch.count_nonzero(last_bn_scales("simsiam", "resnet18")) == 0
+
 
 # ---------------------------------------------------------------- --bn-splits made explicit
 
