@@ -208,9 +208,9 @@ def result_arms(methods=METHODS):
     return arms
 
 
-def run_json(cmd, log):
-    """Run a command, its output appended to log as it comes (progress can be followed there); -> the JSON of its
-    last stdout line."""
+def run_json(cmd, log, on_line=None):
+    """Run a command, its output appended to log as it comes (progress can be followed there; on_line() after each
+    line); -> the JSON of its last stdout line."""
     last = ""
     with open(log, "a") as f:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -218,6 +218,8 @@ def run_json(cmd, log):
             f.write(line)
             f.flush()
             last = line if line.startswith("{") else last
+            if on_line is not None:
+                on_line()
         p.wait()
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {p.returncode}); see {log}")
@@ -225,7 +227,9 @@ def run_json(cmd, log):
 
 
 def run_arm(arm, a, run=run_json):
-    """Train (or resume) and evaluate one arm; its result.json marks it done, so a rerun skips it."""
+    """Train (or resume) and evaluate one arm; its result.json marks it done, so a rerun skips it. The training
+    time so far is saved beside it at every output line, so a kill (during training or evaluation) loses at most
+    the time since the last line."""
     name, script, flags = arm
     out = os.path.join(a.out, name)
     done = os.path.join(out, "result.json")
@@ -233,7 +237,10 @@ def run_arm(arm, a, run=run_json):
         return json.load(open(done))
     os.makedirs(out, exist_ok=True)
     log, data = os.path.join(out, "output.log"), ["--dataset", "folder", "--data", a.data]
-    t = time.time()
+    partial = done + ".partial"
+    before, t = (json.load(open(partial))["wall_s"] if os.path.exists(partial) else 0.0), time.time()
+    wall = lambda: before + time.time() - t
+    save = lambda: json.dump({"wall_s": wall()}, open(partial, "w"))
     if script is None:  # the random-init backbone every method starts from
         torch.manual_seed(a.seed)
         net = common.build_backbone(RESULT_FLAGS[1], RESULT_FLAGS[3])
@@ -241,17 +248,16 @@ def run_arm(arm, a, run=run_json):
         train = {"images_per_s": None}
     else:
         train = run([sys.executable, os.path.join(ROOT, script), *data, *RESULT_FLAGS, "--epochs", str(a.epochs),
-                     "--seed", str(a.seed), *flags, *a.extra, "--out", out, "--gpus", str(a.gpus)], log)
-    wall = time.time() - t + (json.load(open(done + ".partial"))["wall_s"] if os.path.exists(done + ".partial")
-                              else 0.0)
-    json.dump({"wall_s": wall}, open(done + ".partial", "w"))  # training time survives a kill during evaluation
+                     "--seed", str(a.seed), *flags, *a.extra, "--out", out, "--gpus", str(a.gpus)], log, save)
+    train_s = wall()
+    json.dump({"wall_s": train_s}, open(partial, "w"))  # the training time, kept if the evaluation is killed
     ev = run([sys.executable, os.path.join(ROOT, "linear_eval.py"), out, *data, "--precompute", "--knn-k", "20",
               "200", "--gpus", str(a.gpus), "--out", out], log)["runs"][out]
     result = {"arm": name, "command": " ".join([script or "random-init", *flags]), "images_per_s":
-              train.get("images_per_s"), "wall_s": round(wall, 1), "knn20": ev["knn_top1"],
+              train.get("images_per_s"), "wall_s": round(train_s, 1), "knn20": ev["knn_top1"],
               "knn200": ev["knn_top1_k200"], "linear": ev["linear_top1"]}
     json.dump(result, open(done, "w"))
-    os.remove(done + ".partial")
+    os.remove(partial)
     return result
 
 

@@ -37,7 +37,7 @@ def test_a_killed_run_resumes_and_a_finished_arm_is_skipped(tmp_path):
     one), keeps the first training time, evaluates, and marks the arm done; a third run calls nothing."""
     calls = []
 
-    def run(cmd, log, fail=[True]):
+    def run(cmd, log, on_line=None, fail=[True]):
         calls.append(os.path.basename(cmd[1]))
         if cmd[1].endswith("linear_eval.py"):
             if fail[0]:
@@ -58,3 +58,27 @@ def test_a_killed_run_resumes_and_a_finished_arm_is_skipped(tmp_path):
     assert (result["images_per_s"], result["knn20"], result["knn200"], result["linear"]) == (123.0, 40.0, 41.0, 44.0)
     assert benchmark.run_arm(arm, a, run) == result and len(calls) == 4
     assert not (tmp_path / "leoclr-baseline" / "result.json.partial").exists()
+
+
+def test_a_run_killed_during_training_keeps_its_training_time(tmp_path):
+    """The training time so far is saved at every output line: a kill in the middle of training keeps it, and the
+    rerun (which resumes the script's checkpoint) adds its own."""
+    def run(cmd, log, on_line=None, killed=[False]):
+        if cmd[1].endswith("linear_eval.py"):
+            return {"runs": {cmd[2]: {"knn_top1": 40.0, "knn_top1_k200": 41.0, "linear_top1": 44.0}}}
+        for _ in range(3):  # three progress lines, 0.1 s apart
+            time.sleep(0.1)
+            on_line()
+        if not killed[0]:
+            killed[0] = True
+            raise KeyboardInterrupt  # the kill, after the third line
+        return {"images_per_s": 123.0}
+
+    a = SimpleNamespace(out=str(tmp_path), data="DATA", epochs=2, seed=0, extra=[], gpus=0)
+    arm = ("simclr", "common.py", ["--framework", "simclr"])
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.run_arm(arm, a, run)
+    first = json.load(open(tmp_path / "simclr" / "result.json.partial"))["wall_s"]
+    assert first >= 0.3  # the three lines' time, not lost with the kill
+    result = benchmark.run_arm(arm, a, run)
+    assert result["wall_s"] >= first + 0.3 - 0.05 and result["images_per_s"] == 123.0  # wall_s: rounded to 0.1 s
