@@ -240,7 +240,10 @@ def run_arm(arm, a, run=run_json):
     partial = done + ".partial"
     before, t = (json.load(open(partial))["wall_s"] if os.path.exists(partial) else 0.0), time.time()
     wall = lambda: before + time.time() - t
-    save = lambda: json.dump({"wall_s": wall()}, open(partial, "w"))
+    def save(value=None):  # through a temporary file: a kill while writing leaves the previous value
+        with open(partial + ".tmp", "w") as f:
+            json.dump({"wall_s": wall() if value is None else value}, f)
+        os.replace(partial + ".tmp", partial)
     if script is None:  # the random-init backbone every method starts from
         torch.manual_seed(a.seed)
         net = common.build_backbone(RESULT_FLAGS[1], RESULT_FLAGS[3])
@@ -250,7 +253,7 @@ def run_arm(arm, a, run=run_json):
         train = run([sys.executable, os.path.join(ROOT, script), *data, *RESULT_FLAGS, "--epochs", str(a.epochs),
                      "--seed", str(a.seed), *flags, *a.extra, "--out", out, "--gpus", str(a.gpus)], log, save)
     train_s = wall()
-    json.dump({"wall_s": train_s}, open(partial, "w"))  # the training time, kept if the evaluation is killed
+    save(train_s)  # the training time, kept if the evaluation is killed
     ev = run([sys.executable, os.path.join(ROOT, "linear_eval.py"), out, *data, "--precompute", "--knn-k", "20",
               "200", "--gpus", str(a.gpus), "--out", out], log)["runs"][out]
     result = {"arm": name, "command": " ".join([script or "random-init", *flags]), "images_per_s":
