@@ -228,8 +228,8 @@ def run_json(cmd, log, on_line=None):
 
 def run_arm(arm, a, run=run_json):
     """Train (or resume) and evaluate one arm; its result.json marks it done, so a rerun skips it. The training
-    time so far is saved beside it at every output line, so a kill (during training or evaluation) loses at most
-    the time since the last line."""
+    time so far is saved beside it at every output line, so a kill during training loses at most the time since
+    the last line, and one during evaluation none of it."""
     name, script, flags = arm
     out = os.path.join(a.out, name)
     done = os.path.join(out, "result.json")
@@ -240,6 +240,7 @@ def run_arm(arm, a, run=run_json):
     partial = done + ".partial"
     before, t = (json.load(open(partial))["wall_s"] if os.path.exists(partial) else 0.0), time.time()
     wall = lambda: before + time.time() - t
+
     def save(value=None):  # through a temporary file: a kill while writing leaves the previous value
         with open(partial + ".tmp", "w") as f:
             json.dump({"wall_s": wall() if value is None else value}, f)
