@@ -20,7 +20,8 @@ backbone, the four base frameworks, and every method with its --baseline on an I
 ../shared/data/cifar10-mini: ResNet-18, ImageNet stem, batch 256, E epochs, the rest each script's defaults), then
 judges every arm alike with linear_eval.py (kNN k=20 and k=200 on the folder's val split, and the linear probe on
 precomputed features), and writes results.md and assets/results.png. Killed halfway, it continues where it stopped:
-a finished arm is skipped, a half-trained one resumes from its checkpoint.
+a finished arm is skipped, a half-trained one resumes from its checkpoint. Each finished arm's row (with the commit
+it ran on) is also kept in assets/results.json, so a table made over several sessions survives the loss of --out.
 Every method file exposes parse(argv) -> args and build(args, data) -> common.Setup; that is all this uses.
 """
 import argparse, importlib, json, os, subprocess, sys, tempfile, time
@@ -306,21 +307,59 @@ def results_plot(rows, path):
     plt.close(fig)
 
 
+def code_version():
+    """The commit an arm runs on, with "+" when a tracked Python file differs from it."""
+    git = lambda *c: subprocess.run(["git", "-C", ROOT, *c], capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+" if git("status", "--porcelain", "-uno", "--", "*.py") else "")
+
+
+def read_record(path):
+    """arm -> row of every finished arm in the record file (none when it does not exist yet)."""
+    if not path or not os.path.exists(path):
+        return {}
+    return {r["arm"]: r for r in json.load(open(path))["rows"]}
+
+
+def write_record(path, row):
+    """Add (or replace) one arm's row in the record, through a temporary file: a kill leaves the previous record."""
+    rows = {**read_record(path), row["arm"]: row}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"rows": list(rows.values())}, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
 def results(a):
+    """Every arm in turn. A finished arm's row goes into the record file (assets/results.json, committed with the
+    table), so the table survives the loss of --out: an arm recorded for the same job (data, epochs, seed, extra
+    flags) is not run again, and the commit it ran on stays in its row."""
     a.data = a.data or os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-mini")
     a.out = a.out or os.path.join(ROOT, "runs", "results")
+    job = {"data": os.path.basename(os.path.normpath(a.data)), "epochs": a.epochs, "seed": a.seed, "extra": a.extra}
     arms = [arm for arm in result_arms() if a.methods is None or arm[0] in a.methods]
     rows = []
     for arm in arms:
+        recorded = read_record(a.record).get(arm[0])
+        if recorded is not None and recorded.get("job") == job:
+            print(f"{arm[0]}: recorded in {a.record} (commit {recorded['commit']}), not run again", flush=True)
+            rows.append(recorded)
+            continue
         print(f"{arm[0]}: training {a.epochs} epochs and evaluating, output in {os.path.join(a.out, arm[0])}",
               flush=True)
+        version, date = code_version(), time.strftime("%Y-%m-%d")  # at the start: the code this arm runs
         try:
             rows.append(run_arm(arm, a))
         except RuntimeError as e:  # one failing arm should not hide the others' numbers
             print(f"{arm[0]}: {e}", flush=True)
             continue
+        if a.record:
+            rows[-1] = {**rows[-1], "job": job, "commit": version, "date": date}
+            write_record(a.record, rows[-1])
         print(f"{arm[0]}: kNN k=20 {rows[-1]['knn20']:.2f}, linear {rows[-1]['linear']:.2f}", flush=True)
     table = results_table(rows)
+    os.makedirs(a.out, exist_ok=True)  # every arm recorded: nothing else made it
     open(os.path.join(a.out, "results.md"), "w").write(table)
     results_plot(rows, a.plot)
     print(table + f"\nwrote {os.path.join(a.out, 'results.md')} and {a.plot}")
@@ -350,6 +389,8 @@ def main():
     p.add_argument("--out", default=None, help="--results: the arms' folders (default runs/results)")
     p.add_argument("--plot", default=os.path.join(ROOT, "assets", "results.png"), help="--results: the bar chart")
     p.add_argument("--seed", type=int, default=0, help="--results: the seed of every arm")
+    p.add_argument("--record", default=os.path.join(ROOT, "assets", "results.json"),
+                   help="--results: every finished arm's row, kept across runs ('' for none)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="--results: flags passed to every training command (last)")
     a = p.parse_args()

@@ -82,3 +82,27 @@ def test_a_run_killed_during_training_keeps_its_training_time(tmp_path):
     assert first >= 0.3  # the three lines' time, not lost with the kill
     result = benchmark.run_arm(arm, a, run)
     assert result["wall_s"] >= first + 0.3 - 0.05 and result["images_per_s"] == 123.0  # wall_s: rounded to 0.1 s
+
+
+def test_a_recorded_arm_is_not_run_again_for_the_same_job(tmp_path, monkeypatch):
+    """The record (assets/results.json) outlives --out: an arm recorded for the same job is taken from it and not
+    trained; a different job (here: other epochs) trains it again and replaces its row."""
+    calls = []
+
+    def run_arm(arm, a):
+        calls.append((arm[0], a.epochs))
+        return dict(arm=arm[0], images_per_s=100.0, wall_s=1.0, knn20=40.0 + a.epochs, knn200=41.0, linear=44.0)
+
+    monkeypatch.setattr(benchmark, "run_arm", run_arm)
+    record = str(tmp_path / "assets" / "results.json")
+    a = lambda epochs, out: SimpleNamespace(data="DATA", out=str(tmp_path / out), methods=["random-init", "simclr"],
+                                            epochs=epochs, seed=0, extra=[], record=record,
+                                            plot=str(tmp_path / "results.png"))
+    benchmark.results(a(2, "first"))
+    rows = benchmark.read_record(record)
+    assert calls == [("random-init", 2), ("simclr", 2)] and rows["simclr"]["knn20"] == 42.0
+    assert rows["simclr"]["job"] == {"data": "DATA", "epochs": 2, "seed": 0, "extra": []} and rows["simclr"]["commit"]
+    benchmark.results(a(2, "other-out"))  # --out lost: nothing trains again
+    assert len(calls) == 2 and "| simclr | 100.0 | 0:00:01 | 42.0 |" in open(tmp_path / "other-out" / "results.md").read()
+    benchmark.results(a(3, "first"))  # another job: trained again, its rows replaced
+    assert calls[2:] == [("random-init", 3), ("simclr", 3)] and benchmark.read_record(record)["simclr"]["knn20"] == 43.0
