@@ -350,9 +350,9 @@ class CLIM(common.MoCoV2):
             logs = {"lambda": lam.detach(), "mixed": on.float()}
         else:
             lam = torch.ones((), device=x_q[0].device)
-        q = [self.query(x) for x in x_q]                                     # one pass per resolution
-        k = [self.keys(v[f"k{s}"]) for s in R]                               # no grad, shuffle-BN
-        k_pos = [self.keys(v[f"pk{s}"]) for s in R] if self.positives else k
+        q = [self.encoder_q(x) for x in x_q]                                 # one pass per resolution
+        k = [common.shuffled_forward(self.encoder_k, v[f"k{s}"]) for s in R]  # no grad, shuffle-BN
+        k_pos = [common.shuffled_forward(self.encoder_k, v[f"pk{s}"]) for s in R] if self.positives else k
         loss = clim_loss(q, k, k_pos, lam, negatives, self.temperature)
         for Q, key in zip(self.queues, k):                                   # only the anchor's keys
             Q.enqueue(key)

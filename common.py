@@ -1217,14 +1217,15 @@ class State:
 
 
 class Encoder(nn.Module):
-    """backbone followed by a projection head."""
+    """backbone followed by a projection head; normalize=True returns unit rows in fp32 (MoCo's q and k)."""
 
-    def __init__(self, backbone, head):
+    def __init__(self, backbone, head, normalize=False):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.normalize = backbone, head, normalize
 
     def forward(self, x):
-        return self.head(self.backbone(x))
+        z = self.head(self.backbone(x))
+        return F.normalize(z.float(), dim=1) if self.normalize else z
 
 
 def bn_splits_of(module):
@@ -1283,8 +1284,8 @@ class MoCoV2(Model):
     def __init__(self, backbone, proj_dims, queue_size=65536, temperature=0.2, momentum=0.999, symmetric=False,
                  head_bn=False):
         super().__init__()
-        self.encoder_q = Encoder(backbone, mlp(proj_dims, bn=head_bn))
-        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        self.encoder_q = Encoder(backbone, mlp(proj_dims, bn=head_bn), normalize=True)   # q: unit rows
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)            # k: unit rows, EMA of q
         self.queue = Queue(queue_size, proj_dims[-1])
         self.temperature, self.momentum, self.symmetric = temperature, momentum, symmetric
 
@@ -1292,22 +1293,15 @@ class MoCoV2(Model):
     def backbone(self):
         return self.encoder_q.backbone
 
-    def query(self, x):
-        return F.normalize(self.encoder_q(x).float(), dim=1)
-
-    @torch.no_grad()
-    def keys(self, x):
-        return F.normalize(shuffled_forward(self.encoder_k, x).float(), dim=1)
-
     def forward(self, views, batch=None):
         x1, x2 = views[:2]
         ema_update(self.encoder_k, self.encoder_q, self.momentum)
         negatives = self.queue.queue.clone()                        # the queue as it stood at step start
-        q1, k2 = self.query(x1), self.keys(x2)
+        q1, k2 = self.encoder_q(x1), shuffled_forward(self.encoder_k, x2)
         loss = info_nce(q1, k2, negatives, self.temperature)        # logits: B x (1+K)
         keys, logs = [k2], {}
         if self.symmetric:
-            q2, k1 = self.query(x2), self.keys(x1)
+            q2, k1 = self.encoder_q(x2), shuffled_forward(self.encoder_k, x1)
             swapped = info_nce(q2, k1, negatives, self.temperature)
             logs = {"loss_q1_k2": loss.detach(), "loss_q2_k1": swapped.detach()}
             loss = loss + swapped

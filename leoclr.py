@@ -92,29 +92,24 @@ def leoclr_recipes(size, orig_aug="full", baseline=False):
 
 class LeOCLR(common.MoCoV2):
     """E_q = g_q o f_q (trained by SGD) embeds the original x; E_k = EMA(E_q) embeds the crops x1, x2, one
-    shuffle-BN pass each; a queue of K keys holds the negatives. common.MoCoV2 supplies E_q, E_k, the queue,
-    query() and keys(); only forward differs."""
+    shuffle-BN pass each; a queue of K keys holds the negatives. common.MoCoV2 supplies E_q, E_k (both give
+    unit rows) and the queue; only forward differs."""
 
     def __init__(self, backbone, proj_dim=128, queue_size=4096, temperature=0.1, momentum=0.99, enqueue="both"):
         d = backbone.out_dim
         super().__init__(backbone, [d, d, proj_dim], queue_size, temperature, momentum)  # head Linear-ReLU-Linear
         self.enqueue = enqueue
 
-    @torch.no_grad()
-    def enqueue_keys(self, k1, k2):
-        """k1 of every rank, then k2 of every rank: the queue's layout is the same for any number of processes."""
-        self.queue.enqueue(k1)
-        if self.enqueue == "both":
-            self.queue.enqueue(k2)
-
     def forward(self, views, batch=None):
         x, x1, x2 = views
-        q = self.query(x)  # the only pass with gradient: the whole image
+        q = self.encoder_q(x)  # the only pass with gradient: the whole image
         common.ema_update(self.encoder_k, self.encoder_q, self.momentum)  # once per step, theta_q before the SGD step
-        k1, k2 = self.keys(x1), self.keys(x2)  # E_k stays in train mode
+        k1, k2 = (common.shuffled_forward(self.encoder_k, v) for v in (x1, x2))  # no grad; E_k stays in train mode
         negatives = self.queue.queue.clone()  # one snapshot for both terms: this step's keys are never negatives
         loss, t1, t2 = leoclr_loss(q, k1, k2, negatives, self.temperature)
-        self.enqueue_keys(k1, k2)
+        self.queue.enqueue(k1)  # k1 of every rank, then k2: the same queue layout for any number of processes
+        if self.enqueue == "both":
+            self.queue.enqueue(k2)
         return loss, {"loss_x_x1": t1.detach(), "loss_x_x2": t2.detach()}
 
 

@@ -171,7 +171,7 @@ class LoGo(common.Model):
 
     def embed(self, x):
         """Online projector output z of one crop; each crop is its own forward, so BN never mixes crops."""
-        return self.base.encoder(x) if self.framework == "simsiam" else self.base.query(x)
+        return self.base.encoder(x) if self.framework == "simsiam" else self.base.encoder_q(x)
 
     def forward(self, views, batch=None):
         z = [self.embed(v) for v in views]
@@ -179,7 +179,8 @@ class LoGo(common.Model):
             online, targets, pair = [self.base.predictor(x) for x in z], z[:2], common.neg_cosine  # Eq. 2, sg inside
         else:
             with torch.no_grad():
-                k2, k1 = self.base.keys(views[1]), self.base.keys(views[0])  # common.MoCoV2's order (shuffle RNG)
+                # common.MoCoV2's order (the shuffle's RNG): k2 first
+                k2, k1 = (common.shuffled_forward(self.base.encoder_k, v) for v in (views[1], views[0]))
             self._keys = (k1, k2)
             queue = self.base.queue.queue  # before this step's enqueue: that runs in after_step, after backward
             online, targets = z, [k1, k2]

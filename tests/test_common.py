@@ -95,7 +95,7 @@ def test_moco_uses_the_queue_as_it_stood_at_step_start():
     v = views(b=4)
     loss, _ = moco(v)
     with torch.no_grad():
-        q = moco.query(v[0])
+        q = moco.encoder_q(v[0])
     k = moco.queue.queue[:4]                                  # the keys just enqueued
     assert torch.equal(moco.queue.queue[4:], before[4:])
     assert loss.item() == pytest.approx(common.info_nce(q, k, before, 0.2).item(), abs=1e-4)

@@ -45,7 +45,7 @@ def test_shapes_of_views_queries_keys_and_logits(monkeypatch):
     views = common.device_views(batch, src.images, (0.5,) * 3, (0.25,) * 3, [32] * 3, torch.device("cpu"))
     assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 3
     model = tiny_model(K=16)
-    q, k1, k2 = model.query(views[0]), model.keys(views[1]), model.keys(views[2])
+    q, k1, k2 = model.encoder_q(views[0]), *(common.shuffled_forward(model.encoder_k, v) for v in views[1:])
     for z in (q, k1, k2):
         assert z.shape == (4, 128) and torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-5)
     seen, ce = [], F.cross_entropy
@@ -204,10 +204,10 @@ def test_ema_once_per_step():
 def test_queue_enqueue_and_snapshot():
     model = tiny_model(K=16, proj_dim=8)
     k1, k2 = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(4, 8), dim=1)
-    model.enqueue_keys(k1, k2)
+    model.queue.enqueue(k1), model.queue.enqueue(k2)
     assert (int(model.queue.ptr) == 8 and torch.equal(model.queue.queue[:4], k1)
             and torch.equal(model.queue.queue[4:8], k2))
-    model.enqueue_keys(k1, k2)
+    model.queue.enqueue(k1), model.queue.enqueue(k2)
     assert int(model.queue.ptr) == 0
     before = model.queue.queue.clone()
     views = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -216,9 +216,9 @@ def test_queue_enqueue_and_snapshot():
     assert int(model.queue.ptr) == 8 and torch.equal(Q[8:], before[8:])
     with torch.no_grad():  # plain BN: statistics do not depend on the shuffle, only their summation order (unit
         # rows through a few layers: tens of eps; 1e-5 = 84 eps)
-        assert torch.allclose(Q[:4], F.normalize(model.encoder_k(views[1]), dim=1), atol=1e-5)
-        assert torch.allclose(Q[4:8], F.normalize(model.encoder_k(views[2]), dim=1), atol=1e-5)
-        again = leoclr.leoclr_loss(model.query(views[0]), Q[:4], Q[4:8], before, model.temperature)
+        assert torch.allclose(Q[:4], model.encoder_k(views[1]), atol=1e-5)
+        assert torch.allclose(Q[4:8], model.encoder_k(views[2]), atol=1e-5)
+        again = leoclr.leoclr_loss(model.encoder_q(views[0]), Q[:4], Q[4:8], before, model.temperature)
     assert abs(again[0] - loss) < 1e-5 and abs(again[1] - logs["loss_x_x1"]) < 1e-5
     first = tiny_model(K=16, proj_dim=8, enqueue="first")
     first(views)
